@@ -1,0 +1,246 @@
+"""Datasets: any folder of images, and the built-in Fashion-MNIST.
+
+Two kinds of dataset feed training:
+
+* :class:`TensorImages`: a whole dataset as one ``uint8 [N, C, H, W]`` tensor (the built-in
+  Fashion-MNIST); it is augmented in batches on the training device (:mod:`tensor_aug`).
+* :class:`ImageFiles`: image files of a folder, decoded with PIL in DataLoader workers. Its items
+  are addressed by ``(epoch, index)`` so that each sample's augmentation is seeded from
+  (seed, epoch, index) alone. An unreadable file is replaced by the next readable one and
+  reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from dino.data.seeding import sample_seed
+from dino.errors import DinoError
+
+FASHION_MNIST_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+BUILTIN = ("fashion-mnist",)
+
+IMAGE_EXTENSIONS = {
+    ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
+}
+
+
+@dataclass
+class TensorImages:
+    """A dataset held in memory: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    classes: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(split: str = "train", root: str | Path | None = None) -> TensorImages:
+    """Fashion-MNIST (60k train / 10k test, 28x28 gray) from Debian's ``dataset-fashion-mnist``
+    files when installed, else downloaded once by torchvision into ``root`` (default
+    ``~/.cache/dino``)."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    for d in FASHION_MNIST_DIRS:
+        img, lab = d / f"{prefix}-images-idx3-ubyte.gz", d / f"{prefix}-labels-idx1-ubyte.gz"
+        if img.exists() and lab.exists():
+            images = torch.from_numpy(_read_idx(img).copy())
+            labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
+            break
+    else:
+        import torchvision
+
+        root = Path(root or Path.home() / ".cache" / "dino")
+        try:
+            ds = torchvision.datasets.FashionMNIST(str(root), train=split == "train", download=True)
+        except Exception as exc:  # no network, no package
+            raise DinoError(
+                "Fashion-MNIST is not installed and could not be downloaded "
+                f"({exc}); install it with `apt-get install dataset-fashion-mnist`"
+            ) from None
+        images, labels = ds.data.clone(), ds.targets.clone()
+    return TensorImages(images[:, None], labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist/{split}")
+
+
+class BadImage(Exception):
+    """A file that PIL cannot decode into an image."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any image PIL reads and convert it to 8-bit RGB (16-bit, CMYK, palette, RGBA, gray).
+
+    Raises :class:`BadImage` for files that cannot be decoded.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im, dtype=np.float64)
+                hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, rgba)
+            rgb = im.convert("RGB")
+        if min(rgb.size) < 1:
+            raise BadImage(f"{path}: empty image")
+        return rgb
+    except BadImage:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadImage(f"{path}: {exc}") from None
+
+
+def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
+    """All image files below ``root`` (sorted) with labels: the first-level folder is the class
+    when every image sits in one, else the dataset is flat and labels are -1."""
+    root = Path(root)
+    if not root.exists():
+        raise DinoError(f"data folder {root} does not exist; pass --data with a folder of images")
+    if not root.is_dir():
+        raise DinoError(f"--data {root} is not a folder; point it at a folder of images")
+    files = sorted(
+        str(p)
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+    if not files:
+        raise DinoError(
+            f"no image files found in {root}; put images (jpg, png, ...) in it or in class subfolders"
+        )
+    rel = [Path(f).relative_to(root).parts for f in files]
+    if all(len(parts) >= 2 for parts in rel):
+        classes = sorted({parts[0] for parts in rel})
+        index = {c: i for i, c in enumerate(classes)}
+        return files, [index[parts[0]] for parts in rel], classes
+    return files, [-1] * len(files), []
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images of a folder. ``ds[(epoch, i)]`` returns ``(transform(image), label, bad_paths)``
+    with torch's generator seeded from (seed, epoch, i); ``ds[i]`` uses epoch 0.
+
+    A file that cannot be decoded is replaced by the next decodable file; its path is returned in
+    ``bad_paths`` (a ``;``-joined string) so the training loop can count and list it.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], object] | None = None,
+        seed: int = 0,
+        files: tuple[list[str], list[int], list[str]] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.files, self.labels, self.classes = files or scan_folder(root)
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int, str]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        bad: list[str] = []
+        for attempt in range(len(self.files)):
+            i = (index + attempt) % len(self.files)
+            try:
+                img = load_image(self.files[i])
+                break
+            except BadImage:
+                bad.append(self.files[i])
+                if len(bad) > 32:
+                    raise DinoError(
+                        f"more than 32 consecutive unreadable images near {self.files[index]}; "
+                        "run `dino check-data` on the folder"
+                    ) from None
+        else:
+            raise DinoError(f"no readable image in {self.root}")
+        if self.transform is None:
+            return img, self.labels[i], ";".join(bad)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            out = self.transform(img)
+        return out, self.labels[i], ";".join(bad)
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per process: all cores but one for the training process, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (cores or 1) // max(world, 1) - 1))
+
+
+@dataclass
+class TrainingData:
+    """What a run trains on, and the labeled bank/query pair for k-NN if there is one."""
+
+    train: TensorImages | ImageFiles
+    knn_bank: TensorImages | ImageFiles | None
+    knn_query: TensorImages | ImageFiles | None
+
+
+def _head(ds: TensorImages | ImageFiles | None, n: int) -> TensorImages | ImageFiles | None:
+    """The first ``n`` images of ``ds`` (all when ``n`` is 0)."""
+    if ds is None or n <= 0 or n >= len(ds):
+        return ds
+    if isinstance(ds, TensorImages):
+        labels = None if ds.labels is None else ds.labels[:n]
+        return TensorImages(ds.images[:n], labels, ds.classes, ds.name)
+    files = (ds.files[:n], ds.labels[:n], ds.classes)
+    return ImageFiles(ds.root, ds.transform, ds.seed, files=files)
+
+
+def open_training_data(data: str, subset: int = 0) -> TrainingData:
+    """Resolve ``--data`` (see :func:`_open`), keeping the first ``subset`` images if > 0."""
+    d = _open(data)
+    return TrainingData(_head(d.train, subset), _head(d.knn_bank, subset), _head(d.knn_query, subset))
+
+
+def _open(data: str) -> TrainingData:
+    """Resolve ``--data``: the built-in name, or a folder. A folder with ``train/`` and ``val/``
+    (or ``test/``) class subfolders trains on ``train`` and reports k-NN from ``train`` to ``val``."""
+    if data in BUILTIN:
+        return TrainingData(fashion_mnist("train"), fashion_mnist("train"), fashion_mnist("test"))
+    root = Path(data)
+    train_dir = root / "train"
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if train_dir.is_dir() and val_dir is not None:
+        train = ImageFiles(train_dir)
+        val = ImageFiles(val_dir)
+        if train.classes and val.classes:
+            missing = set(val.classes) - set(train.classes)
+            if missing:
+                raise DinoError(
+                    f"classes {sorted(missing)} of {val_dir} are not in {train_dir}; "
+                    "every validation class needs training images"
+                )
+            remap = {i: train.classes.index(c) for i, c in enumerate(val.classes)}
+            val.labels = [remap[label] for label in val.labels]
+            val.classes = train.classes
+            return TrainingData(train, train, val)
+        return TrainingData(train, None, None)
+    return TrainingData(ImageFiles(root), None, None)

@@ -1,0 +1,233 @@
+"""The evaluations behind ``dino extract`` and ``dino knn``, as Python functions.
+
+Each takes a backbone (a module, or anything :func:`dino.load_backbone` accepts) and a data
+source (a folder or ``"fashion-mnist"``) and returns plain dicts that the commands print and save.
+
+>>> from dino.eval.api import knn_eval
+>>> knn_eval("runs/fmnist", "fashion-mnist")["knn"]["20"]  # doctest: +SKIP
+{'top1': 84.1, 'top5': 99.2}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, fashion_mnist
+from dino.errors import DinoError
+from dino.eval.features import extract
+from dino.eval.knn import weighted_knn
+from dino.eval.views import (
+    Data,
+    EvalView,
+    eval_batches,
+    eval_transform,
+    num_classes,
+    open_labeled,
+    resolve_device,
+    resolve_view,
+    with_transform,
+    workers,
+)
+from dino.models.weights import load_backbone
+
+log = logging.getLogger("dino")
+
+
+def as_backbone(
+    backbone: nn.Module | str | Path, device: torch.device, **load_kwargs: Any
+) -> nn.Module:
+    """A module as is (moved to ``device``, eval mode), or the weights it names loaded."""
+    if isinstance(backbone, nn.Module):
+        return backbone.to(device).eval()
+    return load_backbone(backbone, device=device, **load_kwargs)
+
+
+def run_config_of(backbone: nn.Module) -> dict | None:
+    """The ``dino train`` config of the run that wrote a loaded backbone's weights, if any."""
+    info = getattr(backbone, "weights_info", None)
+    return info.run_config if info is not None else None
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty())
+
+
+def features_of(
+    backbone: nn.Module,
+    data: Data,
+    view: EvalView,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] (or pooled) features ``[N, D]`` (float32, CPU) and labels of every image of
+    ``data`` through the eval view, in dataset order."""
+    device = torch.device(device)
+    bar = _bar(len(data), desc)
+    try:
+        batches = eval_batches(data, view, batch_size, num_workers, device)
+        return extract(backbone, batches, progress=bar.update)
+    finally:
+        bar.close()
+
+
+def knn_eval(
+    backbone: nn.Module | str | Path,
+    data: str = "fashion-mnist",
+    ks: list[int] | tuple[int, ...] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    view: EvalView | None = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str = "auto",
+    subset: int = 0,
+    chunk: int = 256,
+) -> dict[str, Any]:
+    """Weighted k-NN accuracy of frozen features (RECIPE.md): bank = train split, queries = val.
+
+    Args:
+        backbone: a module or weights for :func:`dino.load_backbone`.
+        data: ``fashion-mnist`` or a folder with ``train/`` and ``val/`` class subfolders.
+        ks: the numbers of neighbours to report.
+        temperature: T of the votes' weights ``exp(sim / T)``.
+        view: the eval view (default: :func:`dino.eval.views.resolve_view`).
+        batch_size, num_workers: feature extraction batches and DataLoader workers (-1: auto).
+        device: ``auto``, ``cpu``, ``cuda``.
+        subset: use only the first N images of each split (0: all).
+        chunk: queries per similarity block (memory ``chunk x bank``).
+
+    Returns ``{"knn": {"20": {"top1": .., "top5": ..}, ...}, "n_train", "n_val", ...}``
+    (accuracies in percent).
+    """
+    dev = resolve_device(device)
+    model = as_backbone(backbone, dev)
+    view = view or resolve_view(data, run_config_of(model))
+    train, val = open_labeled(data, subset)
+    if any(int(k) < 1 for k in ks):
+        raise DinoError(f"k values must be at least 1, got {list(ks)}")
+    fb, yb = features_of(model, train, view, batch_size, num_workers, dev, "k-NN bank")
+    fq, yq = features_of(model, val, view, batch_size, num_workers, dev, "k-NN queries")
+    knn = weighted_knn(
+        fb.to(dev), yb.to(dev), fq.to(dev), yq.to(dev), list(ks), temperature,
+        num_classes=num_classes(train, val), chunk=chunk,
+    )  # fmt: skip
+    info = getattr(model, "weights_info", None)
+    return {
+        "knn": knn,
+        "temperature": temperature,
+        "n_train": len(train),
+        "n_val": len(val),
+        "feature_dim": int(fb.shape[1]),
+        "data": data,
+        "weights": info.source if info else None,
+        "view": view.to_dict(),
+    }
+
+
+def extract_features(
+    backbone: nn.Module | str | Path,
+    data: str,
+    output_dir: str | Path,
+    view: EvalView | None = None,
+    split: str = "train",
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Features of every image of a folder (or a split of the built-in data) to files.
+
+    Writes into ``output_dir``: ``features.npy`` (float32 ``[N, D]``), ``index.csv`` (row,
+    path, label, class of each feature row; label -1 without class folders) and ``meta.json``
+    (weights, view, counts, unreadable files, which are left out).
+
+    Args:
+        backbone: a module or weights for :func:`dino.load_backbone`.
+        data: a folder of images (class subfolders give labels) or ``fashion-mnist``.
+        output_dir: created if needed.
+        view: the eval view (default: :func:`dino.eval.views.resolve_view`).
+        split: ``train`` or ``test``, for the built-in data set only.
+        batch_size, num_workers, device: as for :func:`knn_eval`.
+
+    Returns the contents of ``meta.json`` plus the paths written.
+    """
+    dev = resolve_device(device)
+    model = as_backbone(backbone, dev)
+    view = view or resolve_view(data, run_config_of(model))
+    if data in BUILTIN:
+        if split not in ("train", "test"):
+            raise DinoError(f"--split must be train or test for {data}, got {split!r}")
+        ds: Data = fashion_mnist(split)
+        paths = [f"{data}/{split}/{i}" for i in range(len(ds))]
+    else:
+        ds = ImageFiles(data)
+        paths = list(ds.files)
+    classes = list(ds.classes)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _bar(len(ds), "features")
+    feats, labels, bad = [], [], []
+    keep = np.ones(len(ds), dtype=bool)
+    with torch.no_grad():
+        if isinstance(ds, TensorImages):
+            for x, y in eval_batches(ds, view, batch_size, num_workers, dev):
+                feats.append(model(x).float().cpu())
+                labels.append(y.cpu())
+                bar.update(x.shape[0])
+        else:
+            loader = torch.utils.data.DataLoader(
+                with_transform(ds, eval_transform(view)), batch_size=batch_size,
+                num_workers=workers(num_workers), pin_memory=dev.type == "cuda",
+            )  # fmt: skip
+            start = 0
+            for x, y, bad_paths in loader:
+                feats.append(model(x.to(dev)).float().cpu())
+                labels.append(torch.as_tensor(y))
+                for j, b in enumerate(bad_paths):
+                    # an unreadable image was replaced by the next readable one: drop its row
+                    if b and paths[start + j] in b.split(";"):
+                        keep[start + j] = False
+                        bad.append(paths[start + j])
+                start += x.shape[0]
+                bar.update(x.shape[0])
+    bar.close()
+    features = torch.cat(feats).numpy()[keep]
+    label_arr = torch.cat(labels).numpy()[keep]
+    kept_paths = [p for p, k in zip(paths, keep, strict=True) if k]
+    np.save(out / "features.npy", features.astype(np.float32))
+    with open(out / "index.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "path", "label", "class"])
+        for i, (p, y) in enumerate(zip(kept_paths, label_arr, strict=True)):
+            w.writerow([i, p, int(y), classes[int(y)] if 0 <= int(y) < len(classes) else ""])
+    info = getattr(model, "weights_info", None)
+    meta: dict[str, Any] = {
+        "weights": info.source if info else None,
+        "arch": info.arch if info else None,
+        "data": data,
+        "count": int(features.shape[0]),
+        "feature_dim": int(features.shape[1]) if features.ndim == 2 else 0,
+        "classes": classes,
+        "view": view.to_dict(),
+        "unreadable": bad,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    if bad:
+        log.warning("%d unreadable images left out (listed in %s)", len(bad), out / "meta.json")
+    meta["files"] = {
+        "features": str(out / "features.npy"),
+        "index": str(out / "index.csv"),
+        "meta": str(out / "meta.json"),
+    }
+    return meta
+

@@ -1,0 +1,92 @@
+"""The DINO loss: cross-entropy between the centered, sharpened teacher and the student.
+
+For teacher global view ``i`` and student view ``v != i`` the pair loss is
+``-sum_k Pt_i[k] log Ps_v[k]`` averaged over the batch; the loss is the mean over all
+``n_global * n_views - n_global`` pairs. Every view's log-softmax is computed once and the sum
+over pairs is one inner product: ``<sum_i Pt_i, sum_v log Ps_v> - sum_i <Pt_i, log Ps_i>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LossStats:
+    """Collapse diagnostics of one step (RECIPE.md): uniform output has entropy log K and KL 0;
+    one dominating dimension has entropy 0 and KL 0."""
+
+    teacher_entropy: torch.Tensor
+    kl: torch.Tensor
+
+
+class DINOLoss(nn.Module):
+    """Args:
+    out_dim: K.
+    n_global: number of views the teacher sees (2).
+    student_temp: tau_s (0.1).
+    center_momentum: EMA momentum of the center (0.9).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        n_global: int = 2,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ) -> None:
+        super().__init__()
+        self.n_global = n_global
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self._pending: tuple[torch.Tensor, int, object] | None = None
+
+    def forward(
+        self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
+    ) -> tuple[torch.Tensor, LossStats]:
+        """``student_out``: ``[V*B, K]`` (view-major), ``teacher_out``: ``[G*B, K]``."""
+        self.apply_center_update()
+        n_views = student_out.shape[0] // (teacher_out.shape[0] // self.n_global)
+        s = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+        s = s.unflatten(0, (n_views, -1))  # [V, B, K]
+        t_logits = (teacher_out.detach().float() - self.center) / teacher_temp
+        t = F.softmax(t_logits, dim=-1).unflatten(0, (self.n_global, -1))  # [G, B, K]
+        batch = s.shape[1]
+        n_pairs = self.n_global * n_views - min(self.n_global, n_views)
+        cross = (t.sum(0) * s.sum(0)).sum()
+        same = (t * s[: self.n_global]).sum()
+        loss = -(cross - same) / (batch * n_pairs)
+        with torch.no_grad():
+            log_t = F.log_softmax(t_logits, dim=-1).unflatten(0, (self.n_global, -1))
+            entropy = -(t * log_t).sum(-1).mean()
+            stats = LossStats(teacher_entropy=entropy, kl=loss.detach() - entropy)
+        self._start_center_update(teacher_out.detach())
+        return loss, stats
+
+    @torch.no_grad()
+    def _start_center_update(self, teacher_out: torch.Tensor) -> None:
+        """Start summing the teacher outputs over the global batch (async all-reduce)."""
+        total = teacher_out.float().sum(dim=0, keepdim=True)
+        count = teacher_out.shape[0]
+        handle = None
+        if dist.is_available() and dist.is_initialized():
+            handle = dist.all_reduce(total, async_op=True)
+            count *= dist.get_world_size()
+        self._pending = (total, count, handle)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """``c <- m c + (1 - m) mean(teacher outputs)``; waits for the all-reduce if needed."""
+        if self._pending is None:
+            return
+        total, count, handle = self._pending
+        if handle is not None:
+            handle.wait()
+        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
+        self._pending = None

@@ -1,0 +1,134 @@
+"""Backbones: the networks whose features DINO trains.
+
+Every backbone built here maps a batch of normalized images ``[B, 3, H, W]`` to one feature
+vector per image ``[B, D]`` and exposes ``embed_dim`` (``D``):
+
+* our ViT names (``vit_tiny``, ``vit_small``, ``vit_base``) with any patch size, built with timm's
+  :class:`~timm.models.vision_transformer.VisionTransformer` exactly as RECIPE.md defines them
+  (depth 12, MLP ratio 4, qkv bias, LayerNorm eps 1e-6); the feature is the [CLS] token after the
+  final norm and the learned positional embedding is bicubic-interpolated to the patch grid of any
+  input size, so one network takes both global and local crops;
+* any other timm model name (``convnext_tiny``, ``vit_small_patch16_224`` ...), classifier removed;
+* torchvision convnets as ``tv:<name>`` (``tv:resnet50``), classifier replaced by identity.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from dino.errors import DinoError
+
+#: (embedding dim, heads) of the ViT sizes of RECIPE.md.
+VIT_SIZES: dict[str, tuple[int, int]] = {
+    "vit_pico": (96, 3),  # not in the paper: for small images on a CPU
+    "vit_nano": (128, 4),  # not in the paper: for small images on a CPU
+    "vit_tiny": (192, 3),
+    "vit_small": (384, 6),
+    "vit_base": (768, 12),
+}
+
+
+def vit(
+    arch: str = "vit_small",
+    patch_size: int = 16,
+    img_size: int = 224,
+    depth: int = 12,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """A DINO ViT (timm implementation): [CLS] after the final norm is the output feature."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if arch not in VIT_SIZES:
+        raise DinoError(f"unknown ViT size {arch!r}; choose one of {', '.join(VIT_SIZES)}")
+    dim, heads = VIT_SIZES[arch]
+    model = VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="token",
+        dynamic_img_size=True,
+        drop_path_rate=drop_path_rate,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
+    for block in model.blocks:
+        # On CPUs the fused attention kernel's backward is slower than the explicit one for
+        # the short sequences of small crops; on GPUs the fused kernel wins.
+        block.attn.fused_attn = torch.cuda.is_available()
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    nn.init.trunc_normal_(model.cls_token, std=0.02)
+    model.embed_dim = dim
+    return model
+
+
+class _TorchvisionTrunk(nn.Module):
+    """A torchvision classifier with its last classification layer replaced by identity."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        import torchvision
+
+        try:
+            net = torchvision.models.get_model(name, weights=None)
+        except ValueError as exc:
+            raise DinoError(
+                f"unknown torchvision model {name!r}; see torchvision.models.list_models()"
+            ) from exc
+        for attr in ("fc", "classifier", "head", "heads"):
+            if hasattr(net, attr):
+                setattr(net, attr, nn.Identity())
+                break
+        self.net = net
+        with torch.no_grad():
+            was_training = net.training
+            net.eval()
+            self.embed_dim = int(net(torch.zeros(1, 3, 64, 64)).shape[-1])
+            net.train(was_training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_backbone(
+    arch: str,
+    patch_size: int = 16,
+    img_size: int = 224,
+    depth: int = 12,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """Build a backbone by name (see the module docstring); its output is ``[B, embed_dim]``."""
+    if arch in VIT_SIZES:
+        if img_size % patch_size:
+            raise DinoError(
+                f"the crop size {img_size} is not divisible by the patch size {patch_size}; "
+                "choose sizes that are multiples of the patch size"
+            )
+        return vit(arch, patch_size, img_size, depth, drop_path_rate)
+    if arch.startswith("tv:"):
+        return _TorchvisionTrunk(arch[3:])
+    import timm
+
+    name = arch.removeprefix("timm:")
+    if not timm.is_model(name):
+        raise DinoError(
+            f"unknown arch {arch!r}: use vit_tiny, vit_small, vit_base, a timm model name "
+            "(timm.list_models()) or tv:<torchvision model>"
+        )
+    kwargs: dict = {"num_classes": 0, "drop_path_rate": drop_path_rate}
+    if "vit" in name or "deit" in name:
+        kwargs["dynamic_img_size"] = True
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    model.embed_dim = int(model.num_features)
+    return model
+
+
+def is_convnet(backbone: nn.Module) -> bool:
+    """True for backbones with BatchNorm (they get synchronized BN under DDP)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())

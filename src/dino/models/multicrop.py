@@ -1,0 +1,29 @@
+"""Backbone + head applied to a list of views of different resolutions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MultiCropNet(nn.Module):
+    """Runs the backbone once per run of same-sized views, then the head once on all features.
+
+    ``forward(views)`` takes a list of ``[B, 3, H_v, W_v]`` tensors and returns the head outputs
+    of all views stacked view-major: ``[len(views) * B, out_dim]``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        feats, start = [], 0
+        while start < len(views):
+            end = start + 1
+            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+                end += 1
+            feats.append(self.backbone(torch.cat(views[start:end])))
+            start = end
+        return self.head(torch.cat(feats))

@@ -1,0 +1,224 @@
+"""Everything a run needs before its first step: processes, device, precision, networks,
+optimizer, schedules and the source of augmented batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dino.config import Config
+from dino.data.datasets import ImageFiles, TensorImages, default_num_workers
+from dino.data.multicrop import MultiCropTransform
+from dino.data.sampler import GlobalBatchSampler
+from dino.data.tensor_aug import TensorMultiCrop, ViewSpec
+from dino.errors import DinoError
+from dino.models.backbones import build_backbone, is_convnet
+from dino.models.head import DINOHead
+from dino.models.multicrop import MultiCropNet
+from dino.train.schedules import cosine_schedule, linear_warmup_then_constant
+
+log = logging.getLogger("dino")
+
+
+@dataclass
+class Dist:
+    """The process group of this run (world 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group that torchrun describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank)
+
+
+def resolve_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and d.world > 1:
+        name = f"cuda:{d.local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DinoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise DinoError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 on CPUs and GPUs that support it, else fp16 on CUDA, else fp32."""
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DinoError("this GPU has no bf16 support; use --precision fp16 or fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return "bf16"
+        except (AttributeError, RuntimeError):
+            pass
+    return "fp32"
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def build_networks(cfg: Config) -> tuple[MultiCropNet, MultiCropNet]:
+    """Student (with drop path) and teacher (a copy of it without drop path, no gradients)."""
+    m = cfg.model
+
+    def net(drop_path: float) -> MultiCropNet:
+        backbone = build_backbone(
+            m.arch, m.patch_size, cfg.data.global_size, m.depth, drop_path_rate=drop_path
+        )
+        head = DINOHead(
+            backbone.embed_dim,
+            m.out_dim,
+            m.head_hidden_dim,
+            m.head_bottleneck_dim,
+            use_bn=m.use_bn_in_head,
+            norm_last_layer=m.norm_last_layer,
+        )
+        return MultiCropNet(backbone, head)
+
+    student = net(m.drop_path_rate)
+    teacher = net(0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on weight matrices only: biases and 1-D parameters (norms) get none."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "apply_wd": True},
+        {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model)
+    if cfg.model.arch.startswith("vit_") or not is_convnet(model):
+        return torch.optim.AdamW(groups, lr=0.0, foreach=True)
+    return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+
+
+@dataclass
+class Schedules:
+    """One value per iteration of every scheduled quantity."""
+
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+
+    @classmethod
+    def build(cls, cfg: Config, steps_per_epoch: int, global_batch: int) -> Schedules:
+        o, lo = cfg.optim, cfg.loss
+        total = o.epochs * steps_per_epoch
+        peak = o.lr * global_batch / 256.0
+        return cls(
+            lr=cosine_schedule(peak, o.min_lr, total, round(o.warmup_epochs * steps_per_epoch)),
+            wd=cosine_schedule(o.weight_decay, o.weight_decay_end, total),
+            momentum=cosine_schedule(o.momentum_teacher, 1.0, total),
+            teacher_temp=linear_warmup_then_constant(
+                lo.warmup_teacher_temp,
+                lo.teacher_temp,
+                total,
+                round(lo.warmup_teacher_temp_epochs * steps_per_epoch),
+            ),
+        )
+
+
+class Batches:
+    """The augmented views of each step of an epoch, from either augmentation path.
+
+    ``epoch(e, start)`` yields ``(views, bad_paths)`` for steps ``start ..`` of epoch ``e``.
+    """
+
+    def __init__(
+        self, cfg: Config, train: TensorImages | ImageFiles, d: Dist, device: torch.device
+    ) -> None:
+        self.cfg, self.device = cfg, device
+        self.sampler = GlobalBatchSampler(len(train), cfg.optim.batch_size, d.world, d.rank, cfg.run.seed)
+        if self.sampler.steps_per_epoch() < 1:
+            raise DinoError(
+                f"the dataset has {len(train)} images, fewer than one global batch of "
+                f"{self.sampler.global_batch}; lower --batch-size"
+            )
+        dc = cfg.data
+        mode = dc.augment
+        if mode == "auto":
+            mode = "tensor" if isinstance(train, TensorImages) else "pil"
+        if mode == "tensor" and not isinstance(train, TensorImages):
+            raise DinoError("--augment tensor needs an in-memory dataset; use --augment pil for folders")
+        self.mode = mode
+        if mode == "tensor":
+            assert isinstance(train, TensorImages)
+            views = [
+                ViewSpec(dc.global_size, tuple(dc.global_scale), dc.blur_p[0], dc.solarize_p[0]),
+                ViewSpec(dc.global_size, tuple(dc.global_scale), dc.blur_p[1], dc.solarize_p[1]),
+            ] + [ViewSpec(dc.local_size, tuple(dc.local_scale), dc.blur_p[2], dc.solarize_p[2])] * dc.local_crops
+            self.aug = TensorMultiCrop(
+                views, dc.brightness, dc.contrast, dc.saturation, dc.hue, dc.color_jitter_p,
+                dc.grayscale_p, tuple(dc.blur_sigma), tuple(dc.mean), tuple(dc.std),
+            )  # fmt: skip
+            self.images = train.images.to(device)
+        else:
+            if isinstance(train, TensorImages):
+                raise DinoError("--augment pil needs a folder of images; use --augment tensor")
+            train.transform = MultiCropTransform(dc)
+            train.seed = cfg.run.seed
+            workers = dc.num_workers if dc.num_workers >= 0 else default_num_workers()
+            self.loader = torch.utils.data.DataLoader(
+                train,
+                batch_sampler=self.sampler,
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None,
+            )
+
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch()
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[list[torch.Tensor], list[str]]]:
+        self.sampler.set_epoch(epoch, start)
+        if self.mode == "tensor":
+            for step in range(start, self.sampler.steps_per_epoch()):
+                idx = self.sampler.indices(step)
+                imgs = self.images[torch.from_numpy(idx).to(self.images.device)]
+                yield self.aug(imgs, idx, epoch, self.cfg.run.seed), []
+        else:
+            for views, _labels, bad in self.loader:
+                views = [v.to(self.device, non_blocking=True) for v in views]
+                yield views, [p for b in bad if b for p in b.split(";")]
