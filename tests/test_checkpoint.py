@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dino.errors import DinoError
-from dino.train.checkpoint import LATEST, atomic_write, load_checkpoint, save_checkpoint
+from dino.training.checkpoint import LATEST, atomic_write, load_checkpoint, save_checkpoint
 
 
 def state(iteration: int) -> dict:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dino.eval.knn import weighted_knn
+from dino.eval.neighbors import weighted_knn
 
 
 def unit(angle_cos: float, sign: float = 1.0) -> list[float]:

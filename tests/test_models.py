@@ -14,8 +14,8 @@ from dino.errors import DinoError
 from dino.models.backbones import build_backbone, vit
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropNet
-from dino.train.loop import clip_per_parameter, ema_update
-from dino.train.setup import build_networks, param_groups
+from dino.training.loop import clip_per_parameter, ema_update
+from dino.training.setup import build_networks, param_groups
 
 PATCH, GLOBAL, LOCAL = 4, 28, 12
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dino.config import load_config
-from dino.train.schedules import cosine_schedule, linear_warmup_then_constant
-from dino.train.setup import Schedules
+from dino.training.schedules import cosine_schedule, linear_warmup_then_constant
+from dino.training.setup import Schedules
 
 
 def test_cosine_without_warmup() -> None:

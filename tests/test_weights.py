@@ -288,3 +288,24 @@ def test_shape_mismatch_with_the_requested_arch(tmp_path, vits) -> None:
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(DinoError, match="broken.pth.*blocks.1.mlp.fc1.weight"):
         load_backbone(tmp_path / "broken.pth")
+
+
+def test_classifier_layers_are_dropped_and_convnet_runs_load(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = vit("vit_pico", 4, 16, depth=1).eval()
+    state = model.state_dict() | {"head.weight": torch.zeros(10, 96), "head.bias": torch.zeros(10)}
+    torch.save(state, tmp_path / "classifier.pth")
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert max_diff(load_backbone(tmp_path / "classifier.pth")(x), model(x)) <= TOL
+    # a torchvision run: teacher_backbone.pth keys are net.*, the arch comes from config.yaml
+    run = tmp_path / "run"
+    run.mkdir()
+    net = perturbed(build_backbone("tv:resnet18"), 5)
+    load_config(None, {"arch": "tv:resnet18"}).save_yaml(run / "config.yaml")
+    torch.save(net.state_dict(), run / "teacher_backbone.pth")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        loaded = load_backbone(run)
+        assert loaded.weights_info.arch == "tv:resnet18"
+        assert max_diff(loaded(x), net(x)) <= TOL

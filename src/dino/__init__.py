@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 
 
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
-    """Run DINO pretraining (see :func:`dino.train.loop.train`)."""
-    from dino.train.loop import train as _train
+    """Run DINO pretraining (see :func:`dino.training.loop.train`)."""
+    from dino.training.loop import train as _train
 
     return _train(cfg, resume)
 

@@ -23,9 +23,11 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, (section, f, typ) in leaf_fields().items():
         group = groups.setdefault(section, p.add_argument_group(f"{section} settings"))
-        default = f.default if f.default_factory is typing.cast(Any, None) or not callable(
-            f.default_factory
-        ) else f.default_factory()
+        default = (
+            f.default
+            if f.default_factory is typing.cast(Any, None) or not callable(f.default_factory)
+            else f.default_factory()
+        )
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": name}
         if typing.get_origin(typ) is list:
             kwargs["nargs"] = "+"
@@ -40,15 +42,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from dino.train.loop import train
+    from dino.training.loop import train
 
     if args.resume:
         from pathlib import Path
 
         cfg_path = Path(args.resume) / "config.yaml"
         if not cfg_path.exists():
-            raise DinoError(f"{args.resume} is not a run folder (no config.yaml); pass the folder "
-                            "that `dino train` wrote")
+            raise DinoError(
+                f"{args.resume} is not a run folder (no config.yaml); pass the folder "
+                "that `dino train` wrote"
+            )
         cfg = load_config(str(cfg_path), overrides)
     else:
         preset = args.config
@@ -85,67 +89,96 @@ def _cmd_config(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
 def _add_weights_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights")
     g.add_argument(
-        "--weights", required=True, metavar="RUN|FILE|NAME",
+        "--weights",
+        required=True,
+        metavar="RUN|FILE|NAME",
         help="a `dino train` run folder, a checkpoint or state-dict file (ours or the reference "
         "code's), or a reference model name: dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, "
         "dino_resnet50 (downloaded once into the torch hub cache)",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--arch", default=None,
+        "--arch",
+        default=None,
         help="backbone architecture (vit_small, vit_base, tv:resnet50, a timm name ...); by "
         "default read from the run config or the tensor shapes. Pass it only for files whose "
         "architecture cannot be detected.",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--patch-size", type=int, default=None,
+        "--patch-size",
+        type=int,
+        default=None,
         help="ViT patch size; detected by default, checked against the file when given",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--checkpoint-key", default="teacher", choices=["teacher", "student"],
+        "--checkpoint-key",
+        default="teacher",
+        choices=["teacher", "student"],
         help="network of a full checkpoint to load (default: teacher, the one DINO evaluates; "
         "try student to compare the two)",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--device", default="auto",
+        "--device",
+        default="auto",
         help="cpu, cuda, cuda:N or auto (CUDA when available)",
-    )  # fmt: skip
+    )
 
 
 def _add_view_flags(p: argparse.ArgumentParser, data_default: str | None = "fashion-mnist") -> None:
     g = p.add_argument_group("input")
     if data_default is not None:
         g.add_argument(
-            "--data", default=data_default,
+            "--data",
+            default=data_default,
             help="a folder with train/ and val/ (or test/) subfolders of class folders, or the "
             f"built-in 'fashion-mnist' (default: {data_default})",
-        )  # fmt: skip
+        )
     g.add_argument(
-        "--eval-resize", type=int, default=None, metavar="PX",
+        "--eval-resize",
+        type=int,
+        default=None,
+        metavar="PX",
         help="resize the shorter side to this before the center crop (default: the run's "
         "config, the fashion-mnist preset's, or 256); keep crop/resize = 224/256 for photos",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--eval-crop", type=int, default=None, metavar="PX",
+        "--eval-crop",
+        type=int,
+        default=None,
+        metavar="PX",
         help="center-crop size fed to the backbone (default: the run's config, 28 for "
         "fashion-mnist, or 224); use the size the backbone was trained at",
-    )  # fmt: skip
-    g.add_argument("--mean", type=float, nargs=3, default=None,
-                   help="input normalization mean (RGB); default: the run's config or ImageNet's")
-    g.add_argument("--std", type=float, nargs=3, default=None,
-                   help="input normalization std (RGB); default: the run's config or ImageNet's")
+    )
+    g.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        default=None,
+        help="input normalization mean (RGB); default: the run's config or ImageNet's",
+    )
+    g.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        default=None,
+        help="input normalization std (RGB); default: the run's config or ImageNet's",
+    )
 
 
 def _add_loader_flags(p: argparse.ArgumentParser, batch_size: int = 128) -> None:
     g = p.add_argument_group("loading")
     g.add_argument(
-        "--batch-size", type=int, default=batch_size,
+        "--batch-size",
+        type=int,
+        default=batch_size,
         help=f"images per forward pass (default: {batch_size}); lower it if memory runs out",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--num-workers", type=int, default=-1,
+        "--num-workers",
+        type=int,
+        default=-1,
         help="DataLoader workers decoding images (-1: from the core count; 0: in the main "
         "process, slower but simplest)",
-    )  # fmt: skip
+    )
 
 
 def _load_weights(args: argparse.Namespace) -> Any:
@@ -153,9 +186,12 @@ def _load_weights(args: argparse.Namespace) -> Any:
     from dino.models.weights import load_backbone
 
     return load_backbone(
-        args.weights, arch=args.arch, patch_size=args.patch_size,
-        checkpoint_key=args.checkpoint_key, device=resolve_device(args.device),
-    )  # fmt: skip
+        args.weights,
+        arch=args.arch,
+        patch_size=args.patch_size,
+        checkpoint_key=args.checkpoint_key,
+        device=resolve_device(args.device),
+    )
 
 
 def _view(args: argparse.Namespace, data: str, backbone: Any) -> Any:
@@ -181,9 +217,15 @@ def _cmd_extract(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
 
     backbone = _load_weights(args)
     meta = extract_features(
-        backbone, args.data, args.output, _view(args, args.data, backbone), split=args.split,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-    )  # fmt: skip
+        backbone,
+        args.data,
+        args.output,
+        _view(args, args.data, backbone),
+        split=args.split,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+    )
     print(f"{meta['count']} features of dim {meta['feature_dim']} -> {meta['files']['features']}")
     print(f"index of paths and labels -> {meta['files']['index']}")
     return 0
@@ -194,12 +236,20 @@ def _cmd_knn(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
 
     backbone = _load_weights(args)
     res = knn_eval(
-        backbone, args.data, args.k, args.temperature, _view(args, args.data, backbone),
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        backbone,
+        args.data,
+        args.k,
+        args.temperature,
+        _view(args, args.data, backbone),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
         subset=args.subset,
-    )  # fmt: skip
-    print(f"weighted k-NN, T={args.temperature}: {res['n_train']} train / {res['n_val']} val "
-          f"images, features of dim {res['feature_dim']}")  # fmt: skip
+    )
+    print(
+        f"weighted k-NN, T={args.temperature}: {res['n_train']} train / {res['n_val']} val "
+        f"images, features of dim {res['feature_dim']}"
+    )
     print(f"{'k':>5} {'top-1':>7} {'top-5':>7}")
     for k, v in res["knn"].items():
         print(f"{k:>5} {v['top1']:7.2f} {v['top5']:7.2f}")
@@ -220,17 +270,30 @@ def _cmd_linear(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
         w = Path(args.weights)
         out = str(w / "linear") if w.is_dir() else f"linear-{w.stem}"
     res = linear_probe(
-        backbone, args.data, view=_view(args, args.data, backbone), epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, n_last_blocks=args.n_last_blocks,
-        avgpool=args.avgpool, cached=args.cached, output_dir=out, resume=not args.restart,
-        val_every=args.val_every, num_workers=args.num_workers, device=args.device,
-        seed=args.seed, subset=args.subset,
-    )  # fmt: skip
+        backbone,
+        args.data,
+        view=_view(args, args.data, backbone),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        n_last_blocks=args.n_last_blocks,
+        avgpool=args.avgpool,
+        cached=args.cached,
+        output_dir=out,
+        resume=not args.restart,
+        val_every=args.val_every,
+        num_workers=args.num_workers,
+        device=args.device,
+        seed=args.seed,
+        subset=args.subset,
+    )
     kind = "cached features" if args.cached else "augmented views"
-    print(f"linear probe ({kind}, {res['n_last_blocks']} last blocks"
-          f"{' + avgpool' if res['avgpool'] else ''}, {res['epochs']} epochs): "
-          f"top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
-          f"(best top-1 {res['best_top1']:.2f} at epoch {res['best_epoch']})")  # fmt: skip
+    print(
+        f"linear probe ({kind}, {res['n_last_blocks']} last blocks"
+        f"{' + avgpool' if res['avgpool'] else ''}, {res['epochs']} epochs): "
+        f"top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
+        f"(best top-1 {res['best_top1']:.2f} at epoch {res['best_epoch']})"
+    )
     print(f"results -> {Path(out) / 'results.json'}")
     return 0
 
@@ -267,12 +330,19 @@ def _cmd_attention(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
             name += "_"
         used.add(name)
         res = save_attention_maps(
-            backbone, f, Path(args.output) / name, image_size=size or None,
-            threshold=args.threshold, mean=args.mean, std=args.std, device=device,
-        )  # fmt: skip
+            backbone,
+            f,
+            Path(args.output) / name,
+            image_size=size or None,
+            threshold=args.threshold,
+            mean=args.mean,
+            std=args.std,
+            device=device,
+        )
         h, w = res["patch_grid"]
-        print(f"{f}: {res['attention'].shape[0]} heads on a {h}x{w} patch grid -> "
-              f"{res['overview']}")  # fmt: skip
+        print(
+            f"{f}: {res['attention'].shape[0]} heads on a {h}x{w} patch grid -> {res['overview']}"
+        )
     return 0
 
 
@@ -310,92 +380,177 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_eval_parsers(sub: Any) -> None:
     e = sub.add_parser(
-        "extract", help="save the features of every image of a folder",
+        "extract",
+        help="save the features of every image of a folder",
         description="Features of a frozen backbone for every image of a folder (recursively; the "
         "first-level subfolder is the class) or of a split of the built-in data set, written as "
         "features.npy with index.csv (paths, labels) and meta.json.",
-    )  # fmt: skip
+    )
     _add_weights_flags(e)
     _add_view_flags(e, data_default=None)
-    e.add_argument("--data", required=True,
-                   help="a folder of images (class subfolders give labels) or 'fashion-mnist'")
-    e.add_argument("--split", default="train", choices=["train", "test"],
-                   help="split of the built-in data set to extract (folders: ignored)")
-    e.add_argument("--output", default="features", metavar="DIR",
-                   help="folder for features.npy, index.csv and meta.json (default: features)")
+    e.add_argument(
+        "--data",
+        required=True,
+        help="a folder of images (class subfolders give labels) or 'fashion-mnist'",
+    )
+    e.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "test"],
+        help="split of the built-in data set to extract (folders: ignored)",
+    )
+    e.add_argument(
+        "--output",
+        default="features",
+        metavar="DIR",
+        help="folder for features.npy, index.csv and meta.json (default: features)",
+    )
     _add_loader_flags(e)
 
     k = sub.add_parser(
-        "knn", help="weighted k-NN accuracy of frozen features",
+        "knn",
+        help="weighted k-NN accuracy of frozen features",
         description="Weighted k-NN classification: each of the k nearest training "
         "features (cosine) votes for its class with weight exp(sim / T).",
-    )  # fmt: skip
+    )
     _add_weights_flags(k)
     _add_view_flags(k)
-    k.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200],
-                   help="numbers of neighbours to report (default: 10 20 100 200; 20 is the "
-                   "paper's headline number)")
-    k.add_argument("--temperature", type=float, default=0.07,
-                   help="T of the vote weights exp(sim / T) (default 0.07); higher flattens votes")
-    k.add_argument("--subset", type=int, default=0,
-                   help="use only the first N images of each split, for quick trials (0: all)")
+    k.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=[10, 20, 100, 200],
+        help="numbers of neighbours to report (default: 10 20 100 200; 20 is the "
+        "paper's headline number)",
+    )
+    k.add_argument(
+        "--temperature",
+        type=float,
+        default=0.07,
+        help="T of the vote weights exp(sim / T) (default 0.07); higher flattens votes",
+    )
+    k.add_argument(
+        "--subset",
+        type=int,
+        default=0,
+        help="use only the first N images of each split, for quick trials (0: all)",
+    )
     k.add_argument("--output", default=None, metavar="JSON", help="also write the results here")
     _add_loader_flags(k)
 
     lin = sub.add_parser(
-        "linear", help="linear-probe accuracy of frozen features",
+        "linear",
+        help="linear-probe accuracy of frozen features",
         description="Train a linear classifier on frozen features: SGD momentum 0.9, "
         "lr 0.001 x batch / 256, cosine, no weight decay; RandomResizedCrop + flip for training, "
         "Resize + CenterCrop for evaluation. Resumes from the output folder's checkpoint.",
-    )  # fmt: skip
+    )
     _add_weights_flags(lin)
     _add_view_flags(lin)
-    lin.add_argument("--epochs", type=int, default=100,
-                     help="training epochs (100 in the paper; fewer for a quick estimate)")
-    lin.add_argument("--lr", type=float, default=0.001,
-                     help="learning rate for a batch of 256, scaled with --batch-size (default "
-                     "0.001); sweep it (x10, /10) when accuracy matters")
-    lin.add_argument("--n-last-blocks", type=int, default=None,
-                     help="concatenate the [CLS] tokens of this many last blocks (default: 4, "
-                     "or 1 for ViT-B and wider as in the paper)")
-    lin.add_argument("--avgpool", action=argparse.BooleanOptionalAction, default=None,
-                     help="also concatenate the average-pooled patch tokens of the last block "
-                     "(default: on for ViT-B and wider only)")
-    lin.add_argument("--cached", action="store_true",
-                     help="extract features once without augmentation and train on them: "
-                     "minutes instead of hours, slightly lower accuracy")
-    lin.add_argument("--output-dir", default=None, metavar="DIR",
-                     help="checkpoint.pth and results.json go here (default: <run>/linear for a "
-                     "run folder, else ./linear-<weights name>)")
-    lin.add_argument("--restart", action="store_true",
-                     help="ignore a checkpoint in the output folder and start over")
-    lin.add_argument("--val-every", type=int, default=1,
-                     help="evaluate every N epochs (default 1); raise it when evaluation is slow")
+    lin.add_argument(
+        "--epochs",
+        type=int,
+        default=100,
+        help="training epochs (100 in the paper; fewer for a quick estimate)",
+    )
+    lin.add_argument(
+        "--lr",
+        type=float,
+        default=0.001,
+        help="learning rate for a batch of 256, scaled with --batch-size (default "
+        "0.001); sweep it (x10, /10) when accuracy matters",
+    )
+    lin.add_argument(
+        "--n-last-blocks",
+        type=int,
+        default=None,
+        help="concatenate the [CLS] tokens of this many last blocks (default: 4, "
+        "or 1 for ViT-B and wider as in the paper)",
+    )
+    lin.add_argument(
+        "--avgpool",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also concatenate the average-pooled patch tokens of the last block "
+        "(default: on for ViT-B and wider only)",
+    )
+    lin.add_argument(
+        "--cached",
+        action="store_true",
+        help="extract features once without augmentation and train on them: "
+        "minutes instead of hours, slightly lower accuracy",
+    )
+    lin.add_argument(
+        "--output-dir",
+        default=None,
+        metavar="DIR",
+        help="checkpoint.pth and results.json go here (default: <run>/linear for a "
+        "run folder, else ./linear-<weights name>)",
+    )
+    lin.add_argument(
+        "--restart",
+        action="store_true",
+        help="ignore a checkpoint in the output folder and start over",
+    )
+    lin.add_argument(
+        "--val-every",
+        type=int,
+        default=1,
+        help="evaluate every N epochs (default 1); raise it when evaluation is slow",
+    )
     lin.add_argument("--seed", type=int, default=0, help="seed of initialization and data order")
-    lin.add_argument("--subset", type=int, default=0,
-                     help="use only the first N images of each split, for quick trials (0: all)")
+    lin.add_argument(
+        "--subset",
+        type=int,
+        default=0,
+        help="use only the first N images of each split, for quick trials (0: all)",
+    )
     _add_loader_flags(lin, batch_size=256)
 
     a = sub.add_parser(
-        "attention", help="self-attention maps of a ViT on images",
+        "attention",
+        help="self-attention maps of a ViT on images",
         description="Last-block attention of [CLS] to every patch, one map per head, and masks "
         "keeping the patches that hold --threshold of each head's attention; writes per-head "
         "PNGs and overview.png per image.",
-    )  # fmt: skip
+    )
     a.add_argument("images", nargs="+", help="image files or folders of images (any format)")
     _add_weights_flags(a)
-    a.add_argument("--output", default="attention", metavar="DIR",
-                   help="one subfolder per image is written here (default: attention)")
-    a.add_argument("--image-size", type=int, default=None, metavar="PX",
-                   help="resize the shorter side to this first, 0 keeps the size (default: 480, "
-                   "or the run's crop size when it trained on crops under 224); larger shows "
-                   "finer maps at a quadratic cost")
-    a.add_argument("--threshold", type=float, default=0.6,
-                   help="attention mass the masks keep (default 0.6, the paper's)")
-    a.add_argument("--mean", type=float, nargs=3, default=None,
-                   help="input normalization mean (RGB); default: the run's config or ImageNet's")
-    a.add_argument("--std", type=float, nargs=3, default=None,
-                   help="input normalization std (RGB); default: the run's config or ImageNet's")
+    a.add_argument(
+        "--output",
+        default="attention",
+        metavar="DIR",
+        help="one subfolder per image is written here (default: attention)",
+    )
+    a.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="resize the shorter side to this first, 0 keeps the size (default: 480, "
+        "or the run's crop size when it trained on crops under 224); larger shows "
+        "finer maps at a quadratic cost",
+    )
+    a.add_argument(
+        "--threshold",
+        type=float,
+        default=0.6,
+        help="attention mass the masks keep (default 0.6, the paper's)",
+    )
+    a.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        default=None,
+        help="input normalization mean (RGB); default: the run's config or ImageNet's",
+    )
+    a.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        default=None,
+        help="input normalization std (RGB); default: the run's config or ImageNet's",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,9 +40,7 @@ class ModelConfig:
         "tokens; crop sizes must be multiples of it.",
     )
     depth: int = _f(12, "number of transformer blocks of our ViTs (12 in the paper).")
-    drop_path_rate: float = _f(
-        0.1, "stochastic depth rate of the student (the teacher uses none)."
-    )
+    drop_path_rate: float = _f(0.1, "stochastic depth rate of the student (the teacher uses none).")
     out_dim: int = _f(
         65536,
         "K, the number of prototypes of the DINO head. 65536 for ImageNet; small datasets need "
@@ -102,8 +100,9 @@ class DataConfig:
     )
     num_workers: int = _f(-1, "DataLoader workers per process; -1 picks from the core count.")
     subset: int = _f(
-        0, "use only the first N images of the training data and of each k-NN split (0: all); "
-        "for quick trials."
+        0,
+        "use only the first N images of the training data and of each k-NN split (0: all); "
+        "for quick trials.",
     )
     max_bad_fraction: float = _f(
         0.01, "stop the run when more than this fraction of the images cannot be decoded."
@@ -144,9 +143,7 @@ class OptimConfig:
         0.996,
         "initial EMA momentum of the teacher, cosine to 1. Use 0.9995 with small batches (256).",
     )
-    clip_grad: float = _f(
-        3.0, "maximum gradient norm of each parameter; 0 disables clipping."
-    )
+    clip_grad: float = _f(3.0, "maximum gradient norm of each parameter; 0 disables clipping.")
     freeze_last_layer: float = _f(
         1, "epochs during which the head's last layer is not updated; raise it if training fails."
     )

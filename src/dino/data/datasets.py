@@ -14,22 +14,30 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 
 from dino.data.seeding import sample_seed
 from dino.errors import DinoError
 
 FASHION_MNIST_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 BUILTIN = ("fashion-mnist",)
 
 IMAGE_EXTENSIONS = {
@@ -81,7 +89,9 @@ def fashion_mnist(split: str = "train", root: str | Path | None = None) -> Tenso
                 f"({exc}); install it with `apt-get install dataset-fashion-mnist`"
             ) from None
         images, labels = ds.data.clone(), ds.targets.clone()
-    return TensorImages(images[:, None], labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist/{split}")
+    return TensorImages(
+        images[:, None], labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist/{split}"
+    )
 
 
 class BadImage(Exception):
@@ -129,7 +139,7 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     )
     if not files:
         raise DinoError(
-            f"no image files found in {root}; put images (jpg, png, ...) in it or in class subfolders"
+            f"no image files found in {root}; put images (jpg, png, ...) in it or in subfolders"
         )
     rel = [Path(f).relative_to(root).parts for f in files]
     if all(len(parts) >= 2 for parts in rel):
@@ -217,12 +227,14 @@ def _head(ds: TensorImages | ImageFiles | None, n: int) -> TensorImages | ImageF
 def open_training_data(data: str, subset: int = 0) -> TrainingData:
     """Resolve ``--data`` (see :func:`_open`), keeping the first ``subset`` images if > 0."""
     d = _open(data)
-    return TrainingData(_head(d.train, subset), _head(d.knn_bank, subset), _head(d.knn_query, subset))
+    return TrainingData(
+        _head(d.train, subset), _head(d.knn_bank, subset), _head(d.knn_query, subset)
+    )
 
 
 def _open(data: str) -> TrainingData:
     """Resolve ``--data``: the built-in name, or a folder. A folder with ``train/`` and ``val/``
-    (or ``test/``) class subfolders trains on ``train`` and reports k-NN from ``train`` to ``val``."""
+    (or ``test/``) class subfolders trains on ``train``; k-NN goes from ``train`` to ``val``."""
     if data in BUILTIN:
         return TrainingData(fashion_mnist("train"), fashion_mnist("train"), fashion_mnist("test"))
     root = Path(data)

@@ -29,8 +29,12 @@ class GlobalBatchSampler:
 
     def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
         self.n, self.batch_size, self.world_size, self.rank, self.seed = (
-            n, batch_size, world_size, rank, seed,
-        )  # fmt: skip
+            n,
+            batch_size,
+            world_size,
+            rank,
+            seed,
+        )
         self.epoch = 0
         self.start_step = 0
 

@@ -95,7 +95,10 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     i = i.long() % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
     table = torch.stack(
-        [torch.stack(c, 1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))],
+        [
+            torch.stack(c, 1)
+            for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
+        ],
         1,
     )  # [B, 6, 3, H, W]
     idx = i[:, None, None].expand(-1, 1, 3, -1, -1)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, fashion_mnist
 from dino.errors import DinoError
 from dino.eval.features import extract
-from dino.eval.knn import weighted_knn
+from dino.eval.neighbors import weighted_knn
 from dino.eval.views import (
     Data,
     EvalView,
@@ -119,9 +119,15 @@ def knn_eval(
     fb, yb = features_of(model, train, view, batch_size, num_workers, dev, "k-NN bank")
     fq, yq = features_of(model, val, view, batch_size, num_workers, dev, "k-NN queries")
     knn = weighted_knn(
-        fb.to(dev), yb.to(dev), fq.to(dev), yq.to(dev), list(ks), temperature,
-        num_classes=num_classes(train, val), chunk=chunk,
-    )  # fmt: skip
+        fb.to(dev),
+        yb.to(dev),
+        fq.to(dev),
+        yq.to(dev),
+        list(ks),
+        temperature,
+        num_classes=num_classes(train, val),
+        chunk=chunk,
+    )
     info = getattr(model, "weights_info", None)
     return {
         "knn": knn,
@@ -186,9 +192,11 @@ def extract_features(
                 bar.update(x.shape[0])
         else:
             loader = torch.utils.data.DataLoader(
-                with_transform(ds, eval_transform(view)), batch_size=batch_size,
-                num_workers=workers(num_workers), pin_memory=dev.type == "cuda",
-            )  # fmt: skip
+                with_transform(ds, eval_transform(view)),
+                batch_size=batch_size,
+                num_workers=workers(num_workers),
+                pin_memory=dev.type == "cuda",
+            )
             start = 0
             for x, y, bad_paths in loader:
                 feats.append(model(x.to(dev)).float().cpu())
@@ -230,4 +238,3 @@ def extract_features(
         "meta": str(out / "meta.json"),
     }
     return meta
-

@@ -62,8 +62,9 @@ def extract(
     """Run ``model`` on every batch; returns float32 features ``[N, D]`` (on CPU) and labels."""
     feats, labels = [], []
     for x, y in batches:
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with torch.autocast(
+            x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
             f = model(x)
         feats.append(f.float().cpu())
         labels.append(y.cpu())

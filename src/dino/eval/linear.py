@@ -42,7 +42,7 @@ from dino.eval.views import (
     with_transform,
     workers,
 )
-from dino.train.checkpoint import atomic_write, save_torch
+from dino.training.checkpoint import atomic_write, save_torch
 
 log = logging.getLogger("dino")
 
@@ -217,8 +217,9 @@ def linear_probe(
         log.info("linear probe: resuming %s at epoch %d", ckpt, start_epoch)
 
     if cached:
-        train_f, train_y, val_f, val_y = _cached_features(probe, train, val, view, setup, out,
-                                                          batch_size, num_workers, dev)  # fmt: skip
+        train_f, train_y, val_f, val_y = _cached_features(
+            probe, train, val, view, setup, out, batch_size, num_workers, dev
+        )
         steps = -(-len(train_y) // batch_size)
     else:
         steps = -(-len(train) // batch_size)
@@ -232,17 +233,22 @@ def linear_probe(
             gen = torch.Generator().manual_seed(seed + epoch)
             order = torch.randperm(len(train_y), generator=gen)
             batches = (
-                (train_f[idx].to(dev), train_y[idx].to(dev))
-                for idx in order.split(batch_size)
+                (train_f[idx].to(dev), train_y[idx].to(dev)) for idx in order.split(batch_size)
             )
         else:
             loader = torch.utils.data.DataLoader(
-                train_ds, batch_sampler=EpochBatches(len(train), batch_size, epoch, seed),
-                num_workers=workers(num_workers), pin_memory=dev.type == "cuda",
-            )  # fmt: skip
+                train_ds,
+                batch_sampler=EpochBatches(len(train), batch_size, epoch, seed),
+                num_workers=workers(num_workers),
+                pin_memory=dev.type == "cuda",
+            )
             batches = ((probe(x.to(dev, non_blocking=True)), y.to(dev)) for x, y, _bad in loader)
-        bar = tqdm(total=steps, desc=f"linear epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=not sys.stderr.isatty())  # fmt: skip
+        bar = tqdm(
+            total=steps,
+            desc=f"linear epoch {epoch + 1}/{epochs}",
+            leave=False,
+            disable=not sys.stderr.isatty(),
+        )
         for step, (f, y) in enumerate(batches):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(peak, epoch * steps + step, total)
@@ -261,8 +267,14 @@ def linear_probe(
             else:
                 result = _evaluate(classifier, probe, val, view, batch_size, num_workers, dev)
             record.update(result)
-            log.info("linear probe epoch %d/%d: loss %.4f, top-1 %.2f, top-5 %.2f",
-                     epoch + 1, epochs, record["loss"], result["top1"], result["top5"])  # fmt: skip
+            log.info(
+                "linear probe epoch %d/%d: loss %.4f, top-1 %.2f, top-5 %.2f",
+                epoch + 1,
+                epochs,
+                record["loss"],
+                result["top1"],
+                result["top5"],
+            )
         history.append(record)
         if ckpt is not None:
             save_torch(
@@ -334,8 +346,19 @@ def _cached_features(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probe features of both splits (eval view), read from ``out/features.pt`` when that holds
     the same setup, else extracted and saved there."""
-    key = {k: setup[k] for k in ("weights", "checkpoint_key", "data", "subset", "view",
-                                 "feature_dim", "n_last_blocks", "avgpool")}  # fmt: skip
+    key = {
+        k: setup[k]
+        for k in (
+            "weights",
+            "checkpoint_key",
+            "data",
+            "subset",
+            "view",
+            "feature_dim",
+            "n_last_blocks",
+            "avgpool",
+        )
+    }
     cache = out / FEATURE_CACHE if out is not None else None
     if cache is not None and cache.exists():
         try:

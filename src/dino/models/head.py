@@ -34,7 +34,7 @@ class DINOHead(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (nlayers - 1)
-        for d_in, d_out in zip(dims[:-1], dims[1:]):
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
             layers.append(nn.Linear(d_in, d_out))
             if use_bn:
                 layers.append(nn.BatchNorm1d(d_out))

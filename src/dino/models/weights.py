@@ -83,6 +83,7 @@ _RUN_CHECKPOINT = "checkpoint.pth"
 _RUN_BACKBONE = "teacher_backbone.pth"
 # prefixes of wrappers around a network: DDP, torch.compile
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_CLASSIFIER = re.compile(r"(head|fc|classifier)\.")
 
 
 @dataclass
@@ -138,7 +139,7 @@ def load_backbone(
     path, obj, run_config = _read(weights)
     source = str(path)
     state, key_used = _backbone_state(obj, source, checkpoint_key)
-    spec = _resolve_arch(state, source, arch, patch_size, run_config, path)
+    spec = _resolve_arch(state, source, arch, patch_size, run_config)
     model = _build(spec, source)
     _load_into(model, state, source, spec["arch"])
     model.eval().requires_grad_(False)
@@ -148,12 +149,13 @@ def load_backbone(
         data = run_config.get("data", {})
         mean = tuple(data.get("mean", mean))
         std = tuple(data.get("std", std))
+    vit_like = hasattr(model, "patch_embed") and hasattr(model, "blocks")
     model.weights_info = WeightsInfo(
         source=source,
         arch=spec["arch"],
-        patch_size=spec.get("patch_size"),
-        depth=spec.get("depth"),
-        img_size=spec.get("img_size"),
+        patch_size=int(model.patch_embed.patch_size[0]) if vit_like else None,
+        depth=len(model.blocks) if vit_like else None,
+        img_size=spec.get("img_size") if vit_like else None,
         checkpoint_key=key_used,
         embed_dim=int(model.embed_dim),
         run_config=run_config,
@@ -226,21 +228,31 @@ def _torch_load(path: Path) -> Any:
 def _download(name: str) -> tuple[Path, Any, None]:
     spec = REFERENCE_MODELS[name]
     url = spec["url"]
+
+    def fetch(weights_only: bool) -> Any:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=True, weights_only=weights_only
+        )
+
     try:
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True)
+        try:
+            state = fetch(weights_only=True)
+        except pickle.UnpicklingError:  # a file with non-tensor objects, from the official URL
+            state = fetch(weights_only=False)
     except Exception as exc:
         raise DinoError(
             f"could not download the reference model {name} from {url} ({exc}); check the "
             "network, or download the file yourself and pass its path"
         ) from None
-    return Path(url.rsplit("/", 1)[-1]), state, None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return cached, state, None
 
 
 # ------------------------------------------------------------------ finding the backbone
 
 
 def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _backbone_state(
@@ -283,10 +295,6 @@ def _backbone_state(
         state = {}
     if state and all(k.startswith("net.") for k in state):  # our torchvision trunk wrapper
         state = _strip(state, "net.")
-    # classifier layers are not part of the feature extractor
-    state = {
-        k: v for k, v in state.items() if not re.match(r"(head|fc|classifier)\.", k)
-    }
     if not state:
         raise DinoError(
             f"{source} holds no backbone weights (no backbone tensors under "
@@ -342,7 +350,6 @@ def _resolve_arch(
     arch: str | None,
     patch_size: int | None,
     run_config: dict[str, Any] | None,
-    path: Path,
 ) -> dict[str, Any]:
     """How to build the network: explicit arguments, else the run config, else the shapes."""
     found = detect_arch(state)
@@ -419,6 +426,8 @@ def _build(spec: dict[str, Any], source: str) -> nn.Module:
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str) -> None:
     target = model.net if hasattr(model, "net") and arch.startswith("tv:") else model
     own = target.state_dict()
+    # a classifier saved with the backbone is not part of the feature extractor
+    state = {k: v for k, v in state.items() if k in own or not _CLASSIFIER.match(k)}
     mismatched = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
         for k, v in state.items()
@@ -428,10 +437,12 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ar
     unexpected = sorted(set(state) - set(own))
     if mismatched or missing or unexpected:
         detail = (
-            f"shape mismatch at {mismatched[0]}" if mismatched
-            else f"missing {missing[0]}" if missing
+            f"shape mismatch at {mismatched[0]}"
+            if mismatched
+            else f"missing {missing[0]}"
+            if missing
             else f"unexpected {unexpected[0]}"
-        )  # fmt: skip
+        )
         counts = (
             f"{len(mismatched)} mismatched, {len(missing)} missing, {len(unexpected)} unexpected"
         )

@@ -104,7 +104,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated or foreign file
-        raise DinoError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise DinoError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(state, dict) or "student" not in state or "iteration" not in state:
         raise DinoError(f"{path} is not a `dino train` checkpoint (no student/iteration in it)")
     return state

@@ -47,4 +47,6 @@ def weighted_knn(
             correct[k][0] += int((top[:, 0] == y).sum())
             correct[k][1] += int((top == y[:, None]).any(1).sum())
     n = query.shape[0]
-    return {str(k): {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n} for k, (c1, c5) in correct.items()}
+    return {
+        str(k): {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n} for k, (c1, c5) in correct.items()
+    }

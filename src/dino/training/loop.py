@@ -25,10 +25,10 @@ from dino.data.datasets import ImageFiles, TensorImages, open_training_data
 from dino.data.multicrop import eval_transform
 from dino.errors import DinoError
 from dino.eval.features import extract, file_eval_batches, tensor_eval_batches
-from dino.eval.knn import weighted_knn
+from dino.eval.neighbors import weighted_knn
 from dino.loss import DINOLoss
 from dino.models.backbones import is_convnet
-from dino.train.checkpoint import (
+from dino.training.checkpoint import (
     LATEST,
     atomic_write,
     load_checkpoint,
@@ -37,8 +37,8 @@ from dino.train.checkpoint import (
     save_torch,
     set_rng_state,
 )
-from dino.train.monitor import CollapseMonitor
-from dino.train.setup import (
+from dino.training.monitor import CollapseMonitor
+from dino.training.setup import (
     AUTOCAST_DTYPES,
     Batches,
     Dist,
@@ -164,7 +164,9 @@ class Trainer:
         if s.get("world_size", 1) != self.d.world:
             log.warning(
                 "resuming a run written by %d processes with %d: the data order from here on "
-                "differs from an uninterrupted run", s.get("world_size", 1), self.d.world,
+                "differs from an uninterrupted run",
+                s.get("world_size", 1),
+                self.d.world,
             )
         elif "rng" in s:
             set_rng_state(s["rng"])
@@ -189,8 +191,11 @@ class Trainer:
             group["lr"] = float(self.sched.lr[it])
             if group["apply_wd"]:
                 group["weight_decay"] = float(self.sched.wd[it])
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
             with torch.no_grad():
                 teacher_out = self.teacher(views[:2])
             student_out = self.student_ddp(views)
@@ -230,13 +235,32 @@ class Trainer:
         for ds in (bank_ds, query_ds):
             n = len(ds)
             rank_ids = range(self.d.rank, n, self.d.world)
-            bar = tqdm(total=len(rank_ids), desc=f"k-NN features {getattr(ds, 'name', '')}",
-                       leave=False, disable=not self.d.main or not sys.stderr.isatty())
+            bar = tqdm(
+                total=len(rank_ids),
+                desc=f"k-NN features {getattr(ds, 'name', '')}",
+                leave=False,
+                disable=not self.d.main or not sys.stderr.isatty(),
+            )
             if isinstance(ds, TensorImages):
-                part = TensorImages(ds.images[rank_ids.start :: self.d.world], None if ds.labels is None else ds.labels[rank_ids.start :: self.d.world], ds.classes, "")
-                batches = tensor_eval_batches(part, dc.eval_resize, dc.eval_crop, dc.mean, dc.std, 512, self.device)
+                part = TensorImages(
+                    ds.images[rank_ids.start :: self.d.world],
+                    None if ds.labels is None else ds.labels[rank_ids.start :: self.d.world],
+                    ds.classes,
+                    "",
+                )
+                batches = tensor_eval_batches(
+                    part, dc.eval_resize, dc.eval_crop, dc.mean, dc.std, 512, self.device
+                )
             else:
-                part = ImageFiles(ds.root, eval_transform(dc), files=(ds.files[rank_ids.start :: self.d.world], ds.labels[rank_ids.start :: self.d.world], ds.classes))
+                part = ImageFiles(
+                    ds.root,
+                    eval_transform(dc),
+                    files=(
+                        ds.files[rank_ids.start :: self.d.world],
+                        ds.labels[rank_ids.start :: self.d.world],
+                        ds.classes,
+                    ),
+                )
                 batches = file_eval_batches(part, 128, self.batches_workers(), self.device)
             f, y = extract(backbone, batches, self.autocast_dtype, bar.update)
             bar.close()
@@ -247,14 +271,21 @@ class Trainer:
         (fb, yb), (fq, yq) = feats
         device = self.device
         return weighted_knn(
-            fb.to(device), yb.to(device), fq.to(device), yq.to(device),
-            self.cfg.run.knn_k, self.cfg.run.knn_temp, num_classes=len(bank_ds.classes) or None,
-        )  # fmt: skip
+            fb.to(device),
+            yb.to(device),
+            fq.to(device),
+            yq.to(device),
+            self.cfg.run.knn_k,
+            self.cfg.run.knn_temp,
+            num_classes=len(bank_ds.classes) or None,
+        )
 
     def batches_workers(self) -> int:
         from dino.data.datasets import default_num_workers
 
-        return self.cfg.data.num_workers if self.cfg.data.num_workers >= 0 else default_num_workers()
+        return (
+            self.cfg.data.num_workers if self.cfg.data.num_workers >= 0 else default_num_workers()
+        )
 
     def _gather(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All ranks' features, in rank-interleaved order (rank r holds samples r, r+W, ...)."""
@@ -278,18 +309,28 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info(
             "training %s on %s: %d images, %d steps/epoch x %d epochs, global batch %d, %s on %s",
-            cfg.model.arch, cfg.data.data, len(self.data.train), self.steps_per_epoch,
-            cfg.optim.epochs, self.batches.sampler.global_batch, self.precision, self.device,
-        )  # fmt: skip
+            cfg.model.arch,
+            cfg.data.data,
+            len(self.data.train),
+            self.steps_per_epoch,
+            cfg.optim.epochs,
+            self.batches.sampler.global_batch,
+            self.precision,
+            self.device,
+        )
         start_epoch = self.iteration // self.steps_per_epoch
         t_start = time.time()
         try:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 start = self.iteration - epoch * self.steps_per_epoch
                 bar = tqdm(
-                    total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                    disable=not d.main, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                )  # fmt: skip
+                    total=self.steps_per_epoch,
+                    initial=start,
+                    desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                    disable=not d.main,
+                    dynamic_ncols=True,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                )
                 t_last, n_last = time.time(), 0
                 for views, bad in self.batches.epoch(epoch, start):
                     self._note_bad(bad)
@@ -308,16 +349,23 @@ class Trainer:
                         if warning:
                             log.warning(warning)
                         if metrics and (it % cfg.run.log_every == 0 or warning):
-                            metrics.write({
-                                "iteration": it, "epoch": it / self.steps_per_epoch, **out,
-                                "lr": float(self.sched.lr[it]), "wd": float(self.sched.wd[it]),
-                                "momentum": float(self.sched.momentum[it]),
-                                "teacher_temp": float(self.sched.teacher_temp[it]),
-                                **({"collapse": self.monitor.mode} if warning else {}),
-                            })  # fmt: skip
+                            metrics.write(
+                                {
+                                    "iteration": it,
+                                    "epoch": it / self.steps_per_epoch,
+                                    **out,
+                                    "lr": float(self.sched.lr[it]),
+                                    "wd": float(self.sched.wd[it]),
+                                    "momentum": float(self.sched.momentum[it]),
+                                    "teacher_temp": float(self.sched.teacher_temp[it]),
+                                    **({"collapse": self.monitor.mode} if warning else {}),
+                                }
+                            )
                         now = time.time()
                         if now - t_last > 2.0:
-                            bar.set_postfix(loss=f"{out['loss']:.3f}", img_s=f"{n_last / (now - t_last):.0f}")
+                            bar.set_postfix(
+                                loss=f"{out['loss']:.3f}", img_s=f"{n_last / (now - t_last):.0f}"
+                            )
                             t_last, n_last = now, 0
                     bar.update(1)
                     if self._stop_signal is not None:
@@ -330,14 +378,20 @@ class Trainer:
                     self._eval_and_log(metrics, epoch + 1)
                 self.save()
         except _Interrupted:
-            log.warning("signal %d received: saving a checkpoint at iteration %d and exiting",
-                        self._stop_signal, self.iteration)  # fmt: skip
+            log.warning(
+                "signal %d received: saving a checkpoint at iteration %d and exiting",
+                self._stop_signal,
+                self.iteration,
+            )
             self.save()
             raise SystemExit(128 + (self._stop_signal or 0)) from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-        results: dict[str, Any] = {"iterations": self.iteration, "train_seconds": time.time() - t_start}
+        results: dict[str, Any] = {
+            "iterations": self.iteration,
+            "train_seconds": time.time() - t_start,
+        }
         knn = self._eval_and_log(metrics, cfg.optim.epochs)
         if d.main:
             results["knn"] = knn
@@ -355,13 +409,21 @@ class Trainer:
             return None
         k20 = knn.get("20") or next(iter(knn.values()))
         log.info(
-            "epoch %d: weighted k-NN %s (%.0f s)", epoch,
+            "epoch %d: weighted k-NN %s (%.0f s)",
+            epoch,
             "  ".join(f"k={k}: top1 {v['top1']:.2f} top5 {v['top5']:.2f}" for k, v in knn.items()),
             time.time() - t0,
-        )  # fmt: skip
+        )
         self.knn_history.append({"epoch": epoch, "iteration": self.iteration, "knn": knn})
         if metrics:
-            metrics.write({"iteration": self.iteration, "epoch": epoch, "knn": knn, "knn_top1_k20": k20["top1"]})
+            metrics.write(
+                {
+                    "iteration": self.iteration,
+                    "epoch": epoch,
+                    "knn": knn,
+                    "knn_top1_k20": k20["top1"],
+                }
+            )
         return knn
 
     def _note_bad(self, bad: list[str]) -> None:

@@ -22,7 +22,7 @@ from dino.errors import DinoError
 from dino.models.backbones import build_backbone, is_convnet
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropNet
-from dino.train.schedules import cosine_schedule, linear_warmup_then_constant
+from dino.training.schedules import cosine_schedule, linear_warmup_then_constant
 
 log = logging.getLogger("dino")
 
@@ -169,7 +169,9 @@ class Batches:
         self, cfg: Config, train: TensorImages | ImageFiles, d: Dist, device: torch.device
     ) -> None:
         self.cfg, self.device = cfg, device
-        self.sampler = GlobalBatchSampler(len(train), cfg.optim.batch_size, d.world, d.rank, cfg.run.seed)
+        self.sampler = GlobalBatchSampler(
+            len(train), cfg.optim.batch_size, d.world, d.rank, cfg.run.seed
+        )
         if self.sampler.steps_per_epoch() < 1:
             raise DinoError(
                 f"the dataset has {len(train)} images, fewer than one global batch of "
@@ -180,18 +182,30 @@ class Batches:
         if mode == "auto":
             mode = "tensor" if isinstance(train, TensorImages) else "pil"
         if mode == "tensor" and not isinstance(train, TensorImages):
-            raise DinoError("--augment tensor needs an in-memory dataset; use --augment pil for folders")
+            raise DinoError(
+                "--augment tensor needs an in-memory dataset; use --augment pil for folders"
+            )
         self.mode = mode
         if mode == "tensor":
             assert isinstance(train, TensorImages)
             views = [
                 ViewSpec(dc.global_size, tuple(dc.global_scale), dc.blur_p[0], dc.solarize_p[0]),
                 ViewSpec(dc.global_size, tuple(dc.global_scale), dc.blur_p[1], dc.solarize_p[1]),
-            ] + [ViewSpec(dc.local_size, tuple(dc.local_scale), dc.blur_p[2], dc.solarize_p[2])] * dc.local_crops
+            ] + [
+                ViewSpec(dc.local_size, tuple(dc.local_scale), dc.blur_p[2], dc.solarize_p[2])
+            ] * dc.local_crops
             self.aug = TensorMultiCrop(
-                views, dc.brightness, dc.contrast, dc.saturation, dc.hue, dc.color_jitter_p,
-                dc.grayscale_p, tuple(dc.blur_sigma), tuple(dc.mean), tuple(dc.std),
-            )  # fmt: skip
+                views,
+                dc.brightness,
+                dc.contrast,
+                dc.saturation,
+                dc.hue,
+                dc.color_jitter_p,
+                dc.grayscale_p,
+                tuple(dc.blur_sigma),
+                tuple(dc.mean),
+                tuple(dc.std),
+            )
             self.images = train.images.to(device)
         else:
             if isinstance(train, TensorImages):

@@ -27,7 +27,7 @@ def cosine_schedule(
 def linear_warmup_then_constant(
     start: float, end: float, total_iters: int, warmup_iters: int
 ) -> np.ndarray:
-    """Linear from ``start`` to ``end`` over ``warmup_iters``, then ``end`` (teacher temperature)."""
+    """Linear from ``start`` to ``end`` over ``warmup_iters``, then ``end`` (teacher temp)."""
     warmup_iters = min(warmup_iters, total_iters)
     return np.concatenate(
         [np.linspace(start, end, warmup_iters), np.full(total_iters - warmup_iters, end)]
