@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -44,22 +45,39 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 def _cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from dino.training.loop import train
 
+    launch_dir = ""
     if args.resume:
         from pathlib import Path
 
-        cfg_path = Path(args.resume) / "config.yaml"
+        run_dir = Path(args.resume)
+        if run_dir.is_file():  # a checkpoint file of a run folder
+            run_dir = run_dir.parent
+        cfg_path = run_dir / "config.yaml"
         if not cfg_path.exists():
             raise DinoError(
                 f"{args.resume} is not a run folder (no config.yaml); pass the folder "
                 "that `dino train` wrote"
             )
         cfg = load_config(str(cfg_path), overrides)
+        launch_dir = str(run_dir)
     else:
         preset = args.config
         if preset is None:
             data = overrides.get("data", "fashion-mnist")
             preset = DEFAULT_PRESET if data == "fashion-mnist" else "default"
         cfg = load_config(preset, overrides)
+    if args.nproc is not None and args.nproc != 1:
+        if args.nproc < 1:
+            raise DinoError(f"--nproc must be at least 1, got {args.nproc}")
+        from dino.training.distributed import default_run_dir, launch, split_nproc
+
+        worker_argv = split_nproc(args.argv)
+        if not launch_dir:
+            launch_dir = cfg.run.output_dir
+        if not launch_dir:  # chosen here, so that every process uses the same folder
+            launch_dir = default_run_dir()
+            worker_argv += ["--output-dir", launch_dir]
+        return launch(args.nproc, worker_argv, launch_dir)
     results = train(cfg, resume=args.resume)
     knn = results.get("knn") if results else None
     if knn:
@@ -81,6 +99,24 @@ def _cmd_config(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
     print(f"# preset {args.name}: what it sets\n" + preset)
     print("# the full config it gives\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
+
+
+def _cmd_check_data(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
+    from tqdm import tqdm
+
+    from dino.data.check import check_folder
+
+    with tqdm(desc="checking images", unit=" files", disable=not sys.stderr.isatty()) as bar:
+        report = check_folder(args.path, args.workers, bar.update)
+    for path, reason in report.bad:
+        print(f"unreadable: {path}: {reason}")
+    print(report.summary())
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text("".join(f"{path}\n" for path, _ in report.bad))
+        print(f"list of unreadable files -> {args.output}")
+    return 0 if report.ok else 1
 
 
 # ---------------------------------------------------------------- evaluation commands
@@ -349,6 +385,7 @@ def _cmd_attention(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int]] = {
     "train": _cmd_train,
     "config": _cmd_config,
+    "check-data": _cmd_check_data,
     "extract": _cmd_extract,
     "knn": _cmd_knn,
     "linear": _cmd_linear,
@@ -369,11 +406,46 @@ def build_parser() -> argparse.ArgumentParser:
         "With --data FOLDER and no --config: the reference recipe (ViT-S/16, 2x224 + 8x96 crops).",
     )
     t.add_argument("--config", help=f"a YAML file or preset name ({', '.join(list_presets())})")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in this folder from its latest checkpoint (or from one of its "
+        "checkpoint files), with its config.yaml; flags given here override it",
+    )
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N processes of this machine (one per GPU, or CPU processes sharing the "
+        "cores): starts torchrun, which runs this same command on each; --batch-size is per "
+        "process. For several machines run torchrun yourself (docs/scaling.md)",
+    )
     _add_config_flags(t)
     c = sub.add_parser("config", help="list presets or show one")
     c.add_argument("action", choices=["list", "show"])
     c.add_argument("name", nargs="?")
+    cd = sub.add_parser(
+        "check-data",
+        help="find the images of a folder that training could not decode",
+        description="Decode every image file below PATH as training does, in parallel, and "
+        "list the unreadable ones (truncated, empty, not an image, absurd dimensions) with the "
+        "reason, then a summary. Exit code 0 when all are readable, 1 otherwise. Training "
+        "replaces unreadable images and stops past --max-bad-fraction; remove or fix them first.",
+    )
+    cd.add_argument("path", help="a folder of images (searched recursively) or one image file")
+    cd.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes decoding images (default 0: one per core)",
+    )
+    cd.add_argument(
+        "--output",
+        metavar="FILE",
+        default=None,
+        help="also write the unreadable paths here, one a line (as bad_files.txt of a run)",
+    )
     _add_eval_parsers(sub)
     return parser
 
@@ -556,17 +628,30 @@ def _add_eval_parsers(sub: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     leaves = leaf_fields()
     overrides = {k: v for k, v in vars(args).items() if k in leaves}
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         return COMMANDS[args.command](args, overrides)
     except DinoError as exc:
-        print(f"dino: error: {exc}", file=sys.stderr)
+        print(f"dino: error: {f'rank {rank}: ' if world > 1 else ''}{exc}", file=sys.stderr)
+        if world > 1:  # one process of a torchrun run: torchrun's report shows the message
+            from dino.training.distributed import record_failure
+
+            record_failure(exc)
         return 2
     except KeyboardInterrupt:
         print("dino: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if world > 1:
+            from dino.training.distributed import worker_failed
+
+            worker_failed(exc)
+        raise
 
 
 if __name__ == "__main__":

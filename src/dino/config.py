@@ -105,7 +105,10 @@ class DataConfig:
         "for quick trials.",
     )
     max_bad_fraction: float = _f(
-        0.01, "stop the run when more than this fraction of the images cannot be decoded."
+        0.01,
+        "stop the run when more than this fraction of the images cannot be decoded (each one is "
+        "replaced by another image and listed in bad_files.txt). Check a folder first with "
+        "`dino check-data`; raise it to train on a known-dirty folder.",
     )
 
 
@@ -169,6 +172,18 @@ class RunConfig:
         0, "iterations between two checkpoints (0: at the end of each epoch only)."
     )
     keep: int = _f(1, "number of past checkpoints kept besides the latest.")
+    max_bad_steps: int = _f(
+        20,
+        "stop the run after this many consecutive steps with a non-finite loss or gradient "
+        "(each is skipped; the last checkpoint is kept). Raise it for fp16 runs whose loss "
+        "scale needs many steps to settle; lower it to fail fast.",
+    )
+    stop_on_collapse: bool = _f(
+        False,
+        "end the run (exit code 2, last checkpoint kept) when the collapse monitor detects a "
+        "uniform or single-dimension collapse, instead of only warning. Use it for unattended "
+        "runs and hyperparameter sweeps.",
+    )
     compile: bool = _f(False, "torch.compile the networks (faster steps after a slow start).")
 
 
@@ -309,3 +324,9 @@ def validate(cfg: Config) -> None:
         raise DinoError(f"augment must be auto, pil or tensor, got {d.augment!r}")
     if m.out_dim < 2:
         raise DinoError(f"out_dim must be at least 2, got {m.out_dim}")
+    if r.max_bad_steps < 1:
+        raise DinoError(f"max_bad_steps must be at least 1, got {r.max_bad_steps}")
+    if r.keep < 0 or r.save_every < 0:
+        raise DinoError("keep and save_every must be 0 or more")
+    if not 0 <= d.max_bad_fraction <= 1:
+        raise DinoError(f"max_bad_fraction must be between 0 and 1, got {d.max_bad_fraction}")

@@ -19,10 +19,13 @@ from torch import nn
 @dataclass
 class LossStats:
     """Collapse diagnostics of one step (RECIPE.md): uniform output has entropy log K and KL 0;
-    one dominating dimension has entropy 0 and KL 0."""
+    one dominating dimension has entropy 0 and KL 0. ``batch_entropy`` is the entropy of the
+    teacher distribution averaged over the batch: near log K while samples use different
+    dimensions, it falls with the per-sample entropy when one dimension dominates them all."""
 
     teacher_entropy: torch.Tensor
     kl: torch.Tensor
+    batch_entropy: torch.Tensor | None = None
 
 
 class DINOLoss(nn.Module):
@@ -65,7 +68,11 @@ class DINOLoss(nn.Module):
         with torch.no_grad():
             log_t = F.log_softmax(t_logits, dim=-1).unflatten(0, (self.n_global, -1))
             entropy = -(t * log_t).sum(-1).mean()
-            stats = LossStats(teacher_entropy=entropy, kl=loss.detach() - entropy)
+            mean_t = t.mean(1)  # [G, K]
+            batch_entropy = -(mean_t * mean_t.clamp_min(1e-30).log()).sum(-1).mean()
+            stats = LossStats(
+                teacher_entropy=entropy, kl=loss.detach() - entropy, batch_entropy=batch_entropy
+            )
         self._start_center_update(teacher_out.detach())
         return loss, stats
 
@@ -79,6 +86,12 @@ class DINOLoss(nn.Module):
             handle = dist.all_reduce(total, async_op=True)
             count *= dist.get_world_size()
         self._pending = (total, count, handle)
+
+    def discard_center_update(self) -> None:
+        """Forget the pending center update (the training loop skips a non-finite step)."""
+        if self._pending is not None and self._pending[2] is not None:
+            self._pending[2].wait()  # type: ignore[attr-defined]
+        self._pending = None
 
     @torch.no_grad()
     def apply_center_update(self) -> None:

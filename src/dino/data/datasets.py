@@ -7,20 +7,22 @@ Two kinds of dataset feed training:
 * :class:`ImageFiles`: image files of a folder, decoded with PIL in DataLoader workers. Its items
   are addressed by ``(epoch, index)`` so that each sample's augmentation is seeded from
   (seed, epoch, index) alone. An unreadable file is replaced by the next readable one and
-  reported, never fatal.
+  reported, never fatal (:func:`dino.data.check.check_folder` finds them all up front).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from dino.data.seeding import sample_seed
 from dino.errors import DinoError
@@ -101,10 +103,17 @@ class BadImage(Exception):
 def load_image(path: str | Path) -> Image.Image:
     """Open any image PIL reads and convert it to 8-bit RGB (16-bit, CMYK, palette, RGBA, gray).
 
-    Raises :class:`BadImage` for files that cannot be decoded.
+    Raises :class:`BadImage` for files that cannot be decoded: empty, truncated or not an image
+    (whatever the extension says), or with absurd dimensions (more pixels than PIL's
+    ``Image.MAX_IMAGE_PIXELS``, which is how decompression bombs and corrupt headers look).
     """
     try:
-        with Image.open(path) as im:
+        if os.path.getsize(path) == 0:
+            raise BadImage(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im_file = Image.open(path)
+        with im_file as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 arr = np.asarray(im, dtype=np.float64)
@@ -120,8 +129,12 @@ def load_image(path: str | Path) -> Image.Image:
         return rgb
     except BadImage:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise BadImage(f"{path}: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadImage(f"{path}: not an image in a format PIL reads") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"{path}: absurd dimensions: {exc}") from None
+    except Exception as exc:  # decoders raise many types; the bomb warning is an error here
+        raise BadImage(f"{path}: {exc or type(exc).__name__}") from None
 
 
 def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
@@ -150,11 +163,12 @@ def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images of a folder. ``ds[(epoch, i)]`` returns ``(transform(image), label, bad_paths)``
+    """Images of a folder. ``ds[(epoch, i)]`` returns ``(transform(image), label, bad)``
     with torch's generator seeded from (seed, epoch, i); ``ds[i]`` uses epoch 0.
 
-    A file that cannot be decoded is replaced by the next decodable file; its path is returned in
-    ``bad_paths`` (a ``;``-joined string) so the training loop can count and list it.
+    A file that cannot be decoded is replaced by the next decodable file; ``bad`` reports it so
+    the training loop can count and list it: ``""`` when the file was readable, else the JSON
+    text of ``[[path, reason], ...]`` (see :func:`decode_bad`).
     """
 
     def __init__(
@@ -174,14 +188,15 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int, str]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        bad: list[str] = []
+        bad: list[tuple[str, str]] = []
         for attempt in range(len(self.files)):
             i = (index + attempt) % len(self.files)
             try:
                 img = load_image(self.files[i])
                 break
-            except BadImage:
-                bad.append(self.files[i])
+            except BadImage as exc:
+                reason = str(exc).removeprefix(f"{self.files[i]}: ")
+                bad.append((self.files[i], reason))
                 if len(bad) > 32:
                     raise DinoError(
                         f"more than 32 consecutive unreadable images near {self.files[index]}; "
@@ -189,12 +204,18 @@ class ImageFiles(torch.utils.data.Dataset):
                     ) from None
         else:
             raise DinoError(f"no readable image in {self.root}")
+        report = json.dumps(bad) if bad else ""
         if self.transform is None:
-            return img, self.labels[i], ";".join(bad)
+            return img, self.labels[i], report
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             out = self.transform(img)
-        return out, self.labels[i], ";".join(bad)
+        return out, self.labels[i], report
+
+
+def decode_bad(reports: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(path, reason)`` of every unreadable file in a batch of :class:`ImageFiles` reports."""
+    return [(str(p), str(r)) for text in reports if text for p, r in json.loads(text)]
 
 
 def default_num_workers() -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, fashion_mnist
+from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, decode_bad, fashion_mnist
 from dino.errors import DinoError
 from dino.eval.features import extract
 from dino.eval.neighbors import weighted_knn
@@ -203,7 +203,7 @@ def extract_features(
                 labels.append(torch.as_tensor(y))
                 for j, b in enumerate(bad_paths):
                     # an unreadable image was replaced by the next readable one: drop its row
-                    if b and paths[start + j] in b.split(";"):
+                    if b and paths[start + j] in {path for path, _ in decode_bad([b])}:
                         keep[start + j] = False
                         bad.append(paths[start + j])
                 start += x.shape[0]

@@ -146,7 +146,8 @@ class TensorViews(Dataset):
 
 
 def with_transform(data: Data, transform: v2.Compose, seed: int = 0) -> Dataset:
-    """``data`` as a Dataset of ``(transform(image), label, bad_paths)`` items."""
+    """``data`` as a Dataset of ``(transform(image), label, bad)`` items (``bad``: see
+    :class:`dino.data.datasets.ImageFiles`)."""
     if isinstance(data, TensorImages):
         return TensorViews(data, transform, seed)
     return ImageFiles(data.root, transform, seed, files=(data.files, data.labels, data.classes))

@@ -2,17 +2,20 @@
 
 A kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
 ``checkpoint.pth`` is always the latest; with ``keep > 0`` the previous ones stay as
-``checkpoint-<iteration>.pth`` (hard links, no extra space for the latest).
+``checkpoint-<iteration>.pth`` (hard links, no extra space for the latest). Loading a run folder
+whose ``checkpoint.pth`` is missing or unreadable falls back to the newest loadable numbered one.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -22,15 +25,29 @@ from dino.errors import DinoError
 LATEST = "checkpoint.pth"
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
 
+log = logging.getLogger("dino")
 
-def atomic_write(path: str | Path, write: Any) -> None:
+BeforeRename = Callable[[IO[bytes]], None]
+
+
+def atomic_write(
+    path: str | Path,
+    write: Callable[[IO[bytes]], Any],
+    before_rename: BeforeRename | None = None,
+) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over
-    ``path``. On any failure the temporary file is removed and ``path`` is untouched."""
+    ``path``. On any failure the temporary file is removed and ``path`` is untouched.
+
+    ``before_rename(file)``, if given, runs after ``write`` and before the flush and rename: a
+    testing hook (the tests kill the process there to check that a torn write is harmless).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
+            if before_rename is not None:
+                before_rename(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,8 +69,9 @@ def atomic_write(path: str | Path, write: Any) -> None:
         os.close(dir_fd)
 
 
-def save_torch(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+def save_torch(obj: Any, path: str | Path, before_rename: BeforeRename | None = None) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f), before_rename)
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,15 +93,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(state: dict[str, Any], run_dir: str | Path, keep: int = 0) -> Path:
-    """Write ``state`` as the latest checkpoint of ``run_dir``; keep ``keep`` older ones."""
+def save_checkpoint(
+    state: dict[str, Any],
+    run_dir: str | Path,
+    keep: int = 0,
+    before_rename: BeforeRename | None = None,
+) -> Path:
+    """Write ``state`` as the latest checkpoint of ``run_dir``; keep ``keep`` older ones.
+
+    ``before_rename`` is :func:`atomic_write`'s testing hook.
+    """
     run_dir = Path(run_dir)
     latest = run_dir / LATEST
     if keep <= 0:
-        save_torch(state, latest)
+        save_torch(state, latest, before_rename)
         return latest
     numbered = run_dir / f"checkpoint-{int(state['iteration']):08d}.pth"
-    save_torch(state, numbered)
+    save_torch(state, numbered, before_rename)
     tmp = run_dir / f".{LATEST}.link-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     os.link(numbered, tmp)
@@ -94,18 +120,67 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, keep: int = 0) -
     return latest
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed midway left in ``run_dir`` (call it only
+    while no other process writes there); returns them."""
+    stale = [
+        p
+        for p in Path(run_dir).glob(".*")
+        if p.is_file() and re.search(r"\.(tmp|link)-\d+$", p.name)
+    ]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds any checkpoint file (loadable or not)."""
+    run_dir = Path(run_dir)
+    return (run_dir / LATEST).exists() or any(
+        _NUMBERED.match(p.name) for p in run_dir.glob("checkpoint-*.pth")
+    )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error if it is not one."""
+    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error if it is not one.
+
+    ``path`` is a checkpoint file or a run folder. For a folder whose ``checkpoint.pth`` is
+    missing or unreadable, the newest loadable ``checkpoint-<iteration>.pth`` is loaded instead
+    (with a warning).
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / LATEST
+    if not path.is_dir():
+        return _load_file(path, map_location)
+    numbered = sorted(
+        (p for p in path.glob("checkpoint-*.pth") if _NUMBERED.match(p.name)), reverse=True
+    )
+    try:
+        return _load_file(path / LATEST, map_location)
+    except DinoError as exc:
+        if not numbered:
+            raise
+        first_error = exc
+    for p in numbered:
+        try:
+            state = _load_file(p, map_location)
+        except DinoError:
+            continue
+        log.warning("%s; loading %s instead", first_error, p)
+        return state
+    raise DinoError(
+        f"{first_error}, and none of the numbered checkpoints of {path} is readable either"
+    )
+
+
+def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     if not path.exists():
         raise DinoError(f"no checkpoint at {path}; pass a run folder written by `dino train`")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated or foreign file
+        why = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]
         raise DinoError(
-            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})"
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {why})"
         ) from None
     if not isinstance(state, dict) or "student" not in state or "iteration" not in state:
         raise DinoError(f"{path} is not a `dino train` checkpoint (no student/iteration in it)")

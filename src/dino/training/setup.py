@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dino.config import Config
-from dino.data.datasets import ImageFiles, TensorImages, default_num_workers
+from dino.data.datasets import ImageFiles, TensorImages, decode_bad, default_num_workers
 from dino.data.multicrop import MultiCropTransform
 from dino.data.sampler import GlobalBatchSampler
 from dino.data.tensor_aug import TensorMultiCrop, ViewSpec
@@ -34,24 +35,51 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group if :func:`setup_distributed` created it (end of a run)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
 
 def setup_distributed(device: str) -> Dist:
-    """Join the process group that torchrun describes in the environment, if any."""
+    """Join the process group that torchrun describes in the environment, if any.
+
+    NCCL when the run uses GPUs (process ``LOCAL_RANK`` of a node takes GPU ``LOCAL_RANK``),
+    gloo on CPUs. Collectives fail after ``DINO_DIST_TIMEOUT`` seconds (default 600) instead of
+    torch's 30 minutes when a process hangs. Processes other than rank 0 log errors only.
+    """
+    from dino.training.distributed import collective_timeout
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DinoError(
+                f"process rank {rank} is local process {local_rank} of its machine but only "
+                f"{torch.cuda.device_count()} GPU(s) are visible; start at most that many "
+                "processes per machine (--nproc / --nproc-per-node) or use --device cpu"
+            )
         torch.cuda.set_device(local_rank)
+    if rank != 0:
+        logging.getLogger("dino").setLevel(logging.ERROR)
+    owns = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank)
+        extra = {"device_id": torch.device("cuda", local_rank)} if use_cuda else {}
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=collective_timeout(), **extra
+        )
+        owns = True
+    return Dist(rank, world, local_rank, owns)
 
 
 def resolve_device(name: str, d: Dist) -> torch.device:
@@ -59,6 +87,12 @@ def resolve_device(name: str, d: Dist) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and d.world > 1:
         name = f"cuda:{d.local_rank}"
+    elif name.startswith("cuda:") and d.world > 1:
+        raise DinoError(
+            f"--device {name} would put every process on one GPU; with several processes use "
+            "--device cuda (process LOCAL_RANK takes GPU LOCAL_RANK) and choose the GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DinoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     try:
@@ -159,10 +193,16 @@ class Schedules:
         )
 
 
+def _ignore_sigint(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process, which saves and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Batches:
     """The augmented views of each step of an epoch, from either augmentation path.
 
-    ``epoch(e, start)`` yields ``(views, bad_paths)`` for steps ``start ..`` of epoch ``e``.
+    ``epoch(e, start)`` yields ``(views, bad)`` for steps ``start ..`` of epoch ``e``, where
+    ``bad`` lists ``(path, reason)`` of the unreadable files replaced in that batch.
     """
 
     def __init__(
@@ -220,6 +260,9 @@ class Batches:
                 pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
+                worker_init_fn=_ignore_sigint if workers > 0 else None,
+                # its own generator: starting workers draws nothing from torch's global one
+                generator=torch.Generator().manual_seed(cfg.run.seed),
             )
 
     def steps_per_epoch(self) -> int:
@@ -233,6 +276,11 @@ class Batches:
                 imgs = self.images[torch.from_numpy(idx).to(self.images.device)]
                 yield self.aug(imgs, idx, epoch, self.cfg.run.seed), []
         else:
-            for views, _labels, bad in self.loader:
-                views = [v.to(self.device, non_blocking=True) for v in views]
-                yield views, [p for b in bad if b for p in b.split(";")]
+            try:
+                for views, _labels, bad in self.loader:
+                    views = [v.to(self.device, non_blocking=True) for v in views]
+                    yield views, decode_bad(bad)
+            except DinoError as exc:  # raised in a worker: keep its last line, not the traceback
+                raise DinoError(
+                    str(exc).strip().splitlines()[-1].removeprefix("dino.errors.DinoError: ")
+                ) from None
