@@ -92,11 +92,21 @@ def _cmd_config(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
     if args.action == "list" or not args.name:
         print("\n".join(list_presets()))
         return 0
+    from pathlib import Path
+
     import yaml
 
+    from dino.config import PRESET_DIR
+
     cfg = load_config(args.name)
-    preset = yaml.safe_dump(load_yaml(args.name), sort_keys=False)
-    print(f"# preset {args.name}: what it sets\n" + preset)
+    path = Path(args.name)
+    if not path.is_file():
+        path = PRESET_DIR / f"{args.name}.yaml"
+    try:  # the file itself, so that its comments (each value's source) show
+        preset = path.read_text()
+    except OSError:
+        preset = yaml.safe_dump(load_yaml(args.name), sort_keys=False)
+    print(f"# preset {args.name}: what it sets ({path})\n" + preset)
     print("# the full config it gives\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return 0
 
@@ -122,11 +132,11 @@ def _cmd_check_data(args: argparse.Namespace, _overrides: dict[str, Any]) -> int
 # ---------------------------------------------------------------- evaluation commands
 
 
-def _add_weights_flags(p: argparse.ArgumentParser) -> None:
+def _add_weights_flags(p: argparse.ArgumentParser, positional: bool = False) -> None:
     g = p.add_argument_group("weights")
     g.add_argument(
-        "--weights",
-        required=True,
+        *(["weights"] if positional else ["--weights"]),
+        **({} if positional else {"required": True}),
         metavar="RUN|FILE|NAME",
         help="a `dino train` run folder, a checkpoint or state-dict file (ours or the reference "
         "code's), or a reference model name: dino_vits16, dino_vits8, dino_vitb16, dino_vitb8, "
@@ -382,6 +392,56 @@ def _cmd_attention(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
+    from dino.models.export import export_backbone
+
+    res = export_backbone(
+        args.weights,
+        args.output,
+        image_size=args.image_size,
+        onnx=args.onnx,
+        opset=args.opset,
+        arch=args.arch,
+        patch_size=args.patch_size,
+        checkpoint_key=args.checkpoint_key,
+        verify=not args.no_check,
+    )
+    info, files = res["dino"], res["files"]
+    print(f"{info['arch']} backbone ({info['embed_dim']}-d features) from {info['source']}")
+    print(f"weights -> {files['safetensors']}, config -> {files['config']}")
+    if info.get("timm"):
+        t = info["timm"]
+        checked = f" (checked: max |diff| {t['max_abs_diff']:.2g})" if "max_abs_diff" in t else ""
+        print(f"timm: {t['load']}{checked}")
+        print(f"  or: {t['load_with_overlay']}")
+    else:
+        print(f"no timm equivalent; torchvision: {info['torchvision']['load']}")
+    if "onnx" in files:
+        o = info["onnx"]
+        diff = o.get("max_abs_diff")
+        checked = f" (onnxruntime max |diff| {diff:.2g})" if diff is not None else ""
+        print(f"ONNX -> {files['onnx']}: images {o['input_shape']} -> features{checked}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, _overrides: dict[str, Any]) -> int:
+    from dino.eval.views import resolve_device
+    from dino.viz.report import write_report
+
+    res = write_report(
+        args.run_dir,
+        args.output,
+        images=args.images,
+        image_size=args.image_size,
+        device=str(resolve_device(args.device)),
+    )
+    print(
+        f"report -> {res['html']} ({len(res['plots'])} plots, {len(res['attention'])} "
+        "attention overviews)"
+    )
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int]] = {
     "train": _cmd_train,
     "config": _cmd_config,
@@ -390,6 +450,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int]] = {
     "knn": _cmd_knn,
     "linear": _cmd_linear,
     "attention": _cmd_attention,
+    "export": _cmd_export,
+    "report": _cmd_report,
 }
 
 
@@ -447,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the unreadable paths here, one a line (as bad_files.txt of a run)",
     )
     _add_eval_parsers(sub)
+    _add_output_parsers(sub)
     return parser
 
 
@@ -623,6 +686,75 @@ def _add_eval_parsers(sub: Any) -> None:
         default=None,
         help="input normalization std (RGB); default: the run's config or ImageNet's",
     )
+
+
+def _add_output_parsers(sub: Any) -> None:
+    x = sub.add_parser(
+        "export",
+        help="write a backbone as safetensors + config.json for timm, and ONNX",
+        description="Export a backbone (a run's teacher by default): model.safetensors and a "
+        "timm config.json, so that timm.create_model('local-dir:DIR', pretrained=True, "
+        "num_classes=0) loads it, and model.onnx (dynamic batch, fixed image size). Both are "
+        "loaded back and compared with the backbone (onnxruntime when installed).",
+    )
+    _add_weights_flags(x, positional=True)
+    x.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="folder for model.safetensors, config.json and model.onnx (created if needed)",
+    )
+    x.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="input side of the ONNX graph and of the timm config (default: the run's "
+        "--eval-crop, else the backbone's training size, else 224); a multiple of the patch size",
+    )
+    x.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write model.onnx (default: yes; needs `pip install onnx`)",
+    )
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    x.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip loading the export back with timm and onnxruntime to compare the features",
+    )
+
+    r = sub.add_parser(
+        "report",
+        help="an HTML report of a run: curves and attention maps",
+        description="Write RUN_DIR/report/report.html with PNG plots of metrics.jsonl (loss and "
+        "k-NN over epochs; learning rate, weight decay, teacher momentum and temperature, teacher "
+        "entropy and KL over iterations) and the final teacher's attention on a few images of "
+        "the run's data. Needs matplotlib (pip install 'dino[report]').",
+    )
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a folder that `dino train` wrote")
+    r.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="where to write report.html and the PNGs (default: RUN_DIR/report)",
+    )
+    r.add_argument(
+        "--images",
+        type=int,
+        default=4,
+        help="number of images whose attention is drawn (default 4; 0: none)",
+    )
+    r.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="resize those images' shorter side to this (default: the run's crop size when "
+        "under 224, else 480)",
+    )
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
 def main(argv: list[str] | None = None) -> int:

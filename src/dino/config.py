@@ -54,6 +54,14 @@ class ModelConfig:
         "unstable; set it true if training diverges.",
     )
     use_bn_in_head: bool = _f(False, "BatchNorm in the head's hidden layers (on for convnets).")
+    init: str = _f(
+        "",
+        "start the student and teacher backbones from these weights instead of a random "
+        "initialization: a published name (dino_vits16, dino_vitb16, dino_resnet50 ...), a run "
+        "folder or checkpoint file, or timm:<name> for timm's pretrained weights "
+        "(timm:vit_small_patch16_224.augreg_in21k). Use it to continue pretraining on your own "
+        "images; lower --lr and --warmup-epochs then. Empty: random initialization.",
+    )
 
 
 @dataclass
@@ -150,6 +158,12 @@ class OptimConfig:
     freeze_last_layer: float = _f(
         1, "epochs during which the head's last layer is not updated; raise it if training fails."
     )
+    optimizer: str = _f(
+        "auto",
+        "adamw, sgd (momentum 0.9) or auto: AdamW for ViTs and other backbones without "
+        "BatchNorm, SGD for BatchNorm convnets such as ResNets (the reference's choices). With "
+        "sgd use a larger --lr (0.03 for ResNet-50) and a constant weight decay.",
+    )
 
 
 @dataclass
@@ -185,6 +199,11 @@ class RunConfig:
         "runs and hyperparameter sweeps.",
     )
     compile: bool = _f(False, "torch.compile the networks (faster steps after a slow start).")
+    tensorboard: bool = _f(
+        True,
+        "write TensorBoard events if tensorboard is installed, beside metrics.jsonl in the run "
+        "folder (view them with `tensorboard --logdir runs`); false: metrics.jsonl only.",
+    )
 
 
 @dataclass
@@ -330,3 +349,7 @@ def validate(cfg: Config) -> None:
         raise DinoError("keep and save_every must be 0 or more")
     if not 0 <= d.max_bad_fraction <= 1:
         raise DinoError(f"max_bad_fraction must be between 0 and 1, got {d.max_bad_fraction}")
+    if o.optimizer not in ("auto", "adamw", "sgd"):
+        raise DinoError(f"optimizer must be auto, adamw or sgd, got {o.optimizer!r}")
+    if m.init.startswith("timm:") and not m.init[5:]:
+        raise DinoError("init timm: needs a model name, e.g. timm:vit_small_patch16_224")

@@ -59,4 +59,7 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        # The prototypes' logits are divided by temperatures as low as 0.04: compute them in
+        # fp32 even under autocast (bf16 keeps 3 significant digits). The layer is small.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.last_layer(x.float())

@@ -451,3 +451,97 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str, ar
             "--patch-size it was trained with, or drop them to detect them"
         )
     target.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------ starting a run from weights
+
+
+def init_backbone(backbone: nn.Module, init: str, arch: str, patch_size: int | None = None) -> str:
+    """Copy pretrained weights into a freshly built training backbone (``--init``), in place.
+
+    Args:
+        backbone: the network :func:`~dino.models.backbones.build_backbone` built for ``arch``.
+        init: anything :func:`load_backbone` accepts (a published name such as ``dino_vits16``,
+            a run folder, a checkpoint or state-dict file), or ``timm:<name>`` for the
+            pretrained weights timm downloads for that model (``timm:resnet50.a1_in1k``).
+        arch: the run's architecture; the weights must be of the same one.
+        patch_size: the run's ViT patch size (checked against the weights for our ViT sizes).
+
+    A ViT's positional embedding is bicubic-resampled to the run's patch grid when the weights
+    were trained at another image size (224 for the published models). Returns a one-line
+    description of what was loaded, for the log.
+
+    Raises:
+        DinoError: unreadable or missing weights, or weights of another architecture.
+    """
+    if init.startswith("timm:"):
+        state = _timm_pretrained_state(init[5:])
+    else:
+        loaded = load_backbone(
+            init, arch=arch, patch_size=patch_size if arch in VIT_SIZES else None
+        )
+        state = loaded.state_dict()
+    target = getattr(backbone, "net", backbone) if arch.startswith("tv:") else backbone
+    if state and all(k.startswith("net.") for k in state) and target is not backbone:
+        state = _strip(state, "net.")
+    own = target.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not _CLASSIFIER.match(k)}
+    pos = state.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
+        state["pos_embed"] = _resample_pos_embed(pos, target)
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        first = (
+            f"shape mismatch at {mismatched[0]}: {tuple(state[mismatched[0]].shape)} vs "
+            f"{tuple(own[mismatched[0]].shape)}"
+            if mismatched
+            else f"missing {missing[0]}"
+            if missing
+            else f"unexpected {unexpected[0]}"
+        )
+        raise DinoError(
+            f"--init {init} does not fit the {arch} backbone of this run ({first}; "
+            f"{len(mismatched)} mismatched, {len(missing)} missing, {len(unexpected)} unexpected "
+            "tensors); pass the --arch, --patch-size and --depth the weights were trained with"
+        )
+    target.load_state_dict(state, strict=True)
+    return f"backbone initialized from {init} ({len(state)} tensors)"
+
+
+def _timm_pretrained_state(name: str) -> dict[str, torch.Tensor]:
+    """The backbone tensors of timm's pretrained ``name`` (classifier removed)."""
+    import timm
+
+    if not timm.is_model(name.split(".", 1)[0]):
+        raise DinoError(f"--init timm:{name}: timm has no model {name!r}; see timm.list_models()")
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DinoError(
+            f"could not get timm's pretrained weights of {name} ({reason}); check the name "
+            "(timm.list_pretrained()) and the network, or download the weights yourself and "
+            "pass the file"
+        ) from None
+    return model.state_dict()
+
+
+def _resample_pos_embed(pos: torch.Tensor, target: nn.Module) -> torch.Tensor:
+    """A ViT positional embedding ``[1, prefix + G*G, D]`` bicubic-resampled to the patch grid
+    of ``target``."""
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(target, "no_embed_class", False) else int(target.num_prefix_tokens)
+    grid = math.isqrt(pos.shape[1] - prefix)
+    if grid * grid != pos.shape[1] - prefix:
+        raise DinoError(
+            f"cannot resample a positional embedding of {pos.shape[1]} tokens (not a square "
+            "grid); train at the image size of the --init weights"
+        )
+    new = tuple(int(s) for s in target.patch_embed.grid_size)
+    with torch.no_grad():
+        return resample_abs_pos_embed(
+            pos.float(), new_size=new, old_size=(grid, grid), num_prefix_tokens=prefix
+        ).to(pos.dtype)

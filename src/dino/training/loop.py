@@ -153,12 +153,15 @@ class Trainer:
         self.sched = Schedules.build(cfg, self.steps_per_epoch, self.batches.sampler.global_batch)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.student, self.teacher = build_networks(cfg)
+        self.student, self.teacher = build_networks(cfg, load_init=resume_state is None)
         self.student.to(self.device)
         self.teacher.to(self.device)
         if self.d.world > 1 and is_convnet(self.student):  # any BatchNorm, head's included
             self.student = sync_batchnorm(self.student, self.device)  # global-batch statistics
             self.teacher = sync_batchnorm(self.teacher, self.device)
+        if cfg.run.compile:  # in place: parameter names (checkpoints) and DDP are unchanged
+            self.student.compile()
+            self.teacher.compile()
         self.student_ddp: nn.Module = self.student
         if self.d.world > 1:
             self.student_ddp = nn.parallel.DistributedDataParallel(
@@ -487,7 +490,9 @@ class Trainer:
             cfg.save_yaml(self.run_dir / "config.yaml")
             self._attach_log_file()
             evaluated = {int(h["epoch"]) for h in self.knn_history}
-            metrics = _MetricsFile(self.run_dir / "metrics.jsonl", self.iteration, evaluated)
+            metrics = _MetricsFile(
+                self.run_dir / "metrics.jsonl", self.iteration, evaluated, cfg.run.tensorboard
+            )
         try:
             return self._run(metrics)
         finally:
@@ -724,10 +729,18 @@ class _Interrupted(Exception):
 class _MetricsFile:
     """``metrics.jsonl``, one JSON object a line. On resume from iteration R, it keeps the lines
     of the steps before R and the k-NN lines of the evaluations the checkpoint holds, so that the
-    resumed run writes the lines of an uninterrupted run."""
+    resumed run writes the lines of an uninterrupted run.
 
-    def __init__(self, path: Path, resume_iteration: int, evaluated: set[int]) -> None:
+    With ``tensorboard`` and the tensorboard package installed, every numeric value is also
+    written as a TensorBoard scalar (``train/<name>``, ``knn/top1_k<k>``, ``knn/top5_k<k>``) at
+    its iteration, in event files beside ``metrics.jsonl``; on resume the events from the
+    resumed iteration on are purged, as the lines are."""
+
+    def __init__(
+        self, path: Path, resume_iteration: int, evaluated: set[int], tensorboard: bool = False
+    ) -> None:
         self.path = path
+        self.tb = _tensorboard_writer(path.parent, resume_iteration) if tensorboard else None
         if path.exists():
             keep = []
             for line in path.read_text().splitlines():
@@ -750,9 +763,37 @@ class _MetricsFile:
     def write(self, row: dict[str, Any]) -> None:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
+        if self.tb is not None:
+            step = int(row.get("iteration", 0))
+            for k, v in row.get("knn", {}).items():
+                for metric in ("top1", "top5"):
+                    self.tb.add_scalar(f"knn/{metric}_k{k}", v[metric], step)
+            for name, value in row.items():
+                if name not in ("iteration", "knn", "knn_top1_k20") and _is_number(value):
+                    self.tb.add_scalar(f"train/{name}", value, step)
+            self.tb.flush()
 
     def close(self) -> None:
         self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _tensorboard_writer(run_dir: Path, resume_iteration: int) -> Any:
+    """A ``SummaryWriter`` into the run folder, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    except Exception as exc:  # installed but broken (e.g. a protobuf it cannot use)
+        log.warning("tensorboard cannot be imported (%s): writing metrics.jsonl only", exc)
+        return None
+    # purge_step drops the events a resumed run is about to write again
+    return SummaryWriter(str(run_dir), purge_step=resume_iteration or None)
 
 
 def _parse_steps(spec: str, var: str) -> set[int]:

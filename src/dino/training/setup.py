@@ -121,8 +121,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def build_networks(cfg: Config) -> tuple[MultiCropNet, MultiCropNet]:
-    """Student (with drop path) and teacher (a copy of it without drop path, no gradients)."""
+def build_networks(cfg: Config, load_init: bool = True) -> tuple[MultiCropNet, MultiCropNet]:
+    """Student (with drop path) and teacher (a copy of it without drop path, no gradients).
+
+    With ``cfg.model.init`` (and ``load_init``; a resumed run has its own weights) both
+    backbones start from those pretrained weights (:func:`dino.models.weights.init_backbone`).
+    """
     m = cfg.model
 
     def net(drop_path: float) -> MultiCropNet:
@@ -140,10 +144,50 @@ def build_networks(cfg: Config) -> tuple[MultiCropNet, MultiCropNet]:
         return MultiCropNet(backbone, head)
 
     student = net(m.drop_path_rate)
+    check_input_sizes(student.backbone, cfg)
+    if m.init and load_init:
+        from dino.models.weights import init_backbone
+
+        log.info(init_backbone(student.backbone, m.init, m.arch, m.patch_size))
     teacher = net(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     return student, teacher
+
+
+def check_input_sizes(backbone: nn.Module, cfg: Config) -> None:
+    """Fail early, in one sentence, when the backbone cannot take the run's crop sizes: a patch
+    size that does not divide them (timm ViTs), or crops too small for a convnet's strides."""
+    d = cfg.data
+    sizes = {"global_size": d.global_size, "local_size": d.local_size, "eval_crop": d.eval_crop}
+    if d.local_crops == 0:
+        del sizes["local_size"]
+    embed = getattr(backbone, "patch_embed", None)
+    if embed is not None and hasattr(embed, "patch_size"):
+        p = embed.patch_size
+        p = int(p[0] if isinstance(p, (tuple, list)) else p)
+        for name, size in sizes.items():
+            if size % p:
+                raise DinoError(
+                    f"{name}={size} is not divisible by the patch size {p} of {cfg.model.arch}; "
+                    "choose crop sizes that are multiples of it"
+                )
+        return
+    smallest = min(sizes.values())
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, smallest, smallest))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        name = min(sizes, key=lambda k: sizes[k])
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DinoError(
+            f"{cfg.model.arch} cannot take {smallest}-pixel crops ({name}; {reason}); "
+            "raise it (convnets need crops of at least their total stride, often 32)"
+        ) from None
+    finally:
+        backbone.train(was_training)
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -160,8 +204,18 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """``--optimizer``: AdamW, or SGD with momentum 0.9; ``auto`` picks AdamW for ViTs and
+    backbones without BatchNorm, SGD for BatchNorm convnets (the reference's choices)."""
     groups = param_groups(model)
-    if cfg.model.arch.startswith("vit_") or not is_convnet(model):
+    kind = cfg.optim.optimizer
+    if kind == "auto":
+        vit_like = cfg.model.arch.startswith("vit_") or not is_convnet(model)
+        kind = "adamw" if vit_like else "sgd"
+    if kind == "adamw":
+        # The fused kernel updates each parameter in one pass; on CPUs it is 2-3x faster than
+        # foreach, which allocates temporaries the size of the model (docs/performance.md).
+        if device.type in ("cpu", "cuda"):
+            return torch.optim.AdamW(groups, lr=0.0, fused=True)
         return torch.optim.AdamW(groups, lr=0.0, foreach=True)
     return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
 
