@@ -67,14 +67,17 @@ class MultiCropTransform:
         return views
 
 
-def eval_transform(cfg: DataConfig) -> v2.Compose:
-    """Resize (bicubic) + center crop + normalize: the k-NN / linear-probe evaluation view."""
+def eval_transform(
+    resize: int, crop: int, mean: list[float] | tuple, std: list[float] | tuple
+) -> v2.Compose:
+    """Resize the shorter side (bicubic) + center crop + normalize, for PIL images or uint8
+    tensors: the k-NN / linear-probe evaluation view."""
     return v2.Compose(
         [
-            v2.PILToTensor(),
-            v2.Resize(cfg.eval_resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(cfg.eval_crop),
+            v2.ToImage(),
+            v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(crop),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(cfg.mean, cfg.std),
+            v2.Normalize(list(mean), list(std)),
         ]
     )

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 
+from dino.data import multicrop
 from dino.data.datasets import (
     BUILTIN,
     ImageFiles,
@@ -26,6 +27,7 @@ from dino.data.datasets import (
 from dino.data.seeding import sample_seed
 from dino.errors import DinoError
 from dino.eval.features import tensor_eval_batches
+from dino.training import setup
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -97,15 +99,7 @@ def resolve_view(
 
 def eval_transform(view: EvalView) -> v2.Compose:
     """Resize (bicubic) + center crop + normalize, for PIL images or uint8 ``[3, H, W]``."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(view.resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(view.crop),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(view.mean, view.std),
-        ]
-    )
+    return multicrop.eval_transform(view.resize, view.crop, view.mean, view.std)
 
 
 def train_transform(view: EvalView) -> v2.Compose:
@@ -226,11 +220,4 @@ def open_labeled(data: str, subset: int = 0) -> tuple[Data, Data]:
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DinoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise DinoError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    return setup.resolve_device(name, setup.Dist())

@@ -424,7 +424,7 @@ class Trainer:
             else:
                 part = ImageFiles(
                     ds.root,
-                    eval_transform(dc),
+                    eval_transform(dc.eval_resize, dc.eval_crop, dc.mean, dc.std),
                     files=(
                         ds.files[rank_ids.start :: self.d.world],
                         ds.labels[rank_ids.start :: self.d.world],

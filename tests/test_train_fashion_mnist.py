@@ -1,0 +1,46 @@
+"""Integration: DINO on real data learns features that classify better than its random init.
+
+Trains the built-in preset's network on a 20k-image subset of Fashion-MNIST for ~780 steps
+(a few minutes on 2 cores) and checks that the teacher's weighted k-NN accuracy (k=20, T=0.07,
+[CLS] features, 10k test images against the 20k bank) rose well above its value at initialization.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dino.config import load_config
+from dino.data.datasets import FASHION_MNIST_DIRS
+from dino.training.loop import Trainer
+
+pytestmark = pytest.mark.skipif(
+    not any((d / "train-images-idx3-ubyte.gz").exists() for d in FASHION_MNIST_DIRS),
+    reason="needs Debian's dataset-fashion-mnist package",
+)
+
+
+def test_training_raises_knn_above_random_init(tmp_path):
+    cfg = load_config(
+        "fashion-mnist",
+        {
+            "subset": 20000,
+            "epochs": 5,
+            "eval_every": 0,
+            "output_dir": str(tmp_path / "run"),
+            "tensorboard": False,
+        },
+    )
+    trainer = Trainer(cfg)
+    before = trainer.knn()["20"]["top1"]
+    results = trainer.fit()
+    after = results["knn"]["20"]["top1"]
+    print(f"k-NN top-1: random init {before:.2f} -> trained {after:.2f}")
+    assert after >= before + 4.0, (before, after)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the loss went down
+    assert not any("collapse" in r for r in rows)  # never flagged as collapsing
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["knn"]["20"]["top1"] == pytest.approx(after)
