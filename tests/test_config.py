@@ -35,8 +35,10 @@ def test_defaults_are_the_recipe() -> None:
 def test_fashion_mnist_preset() -> None:
     cfg = load_config("fashion-mnist")
     assert cfg.model.arch == "vit_pico"
-    assert cfg.model.patch_size == 4
-    assert cfg.data.global_size == 28 and cfg.data.local_size == 12
+    assert cfg.model.patch_size == 7
+    assert cfg.data.global_size == 28 and cfg.data.local_size == 14
+    assert cfg.data.global_size % cfg.model.patch_size == 0
+    assert cfg.data.local_size % cfg.model.patch_size == 0
     assert cfg.data.local_crops == 6
     assert cfg.model.norm_last_layer is False
     # fields the preset does not set keep their dataclass defaults

@@ -1,8 +1,9 @@
 """Integration: DINO on real data learns features that classify better than its random init.
 
-Trains the built-in preset's network on a 20k-image subset of Fashion-MNIST for ~780 steps
-(a few minutes on 2 cores) and checks that the teacher's weighted k-NN accuracy (k=20, T=0.07,
-[CLS] features, 10k test images against the 20k bank) rose well above its value at initialization.
+Trains the built-in preset's network on Fashion-MNIST for 2 epochs (936 steps, about 6 minutes on
+2 cores) and checks that the teacher's weighted k-NN accuracy (k=20, T=0.07, [CLS] features, the
+10k test images against the 60k training images) rose well above its value at initialization
+(measured: about 65 % at init, 74.7 % after 2 epochs of the 4-epoch preset).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ def test_training_raises_knn_above_random_init(tmp_path):
     cfg = load_config(
         "fashion-mnist",
         {
-            "subset": 20000,
-            "epochs": 5,
+            "epochs": 2,
             "eval_every": 0,
             "output_dir": str(tmp_path / "run"),
             "tensorboard": False,
