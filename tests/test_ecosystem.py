@@ -33,6 +33,7 @@ FASHION = pytest.mark.skipif(
 
 TINY = [
     "--subset", "256", "--epochs", "1", "--batch-size", "32", "--global-size", "32",
+    "--patch-size", "4", "--local-size", "16",
     "--local-crops", "2", "--out-dim", "64", "--head-hidden-dim", "64", "--eval-every", "0",
     "--precision", "fp32", "--eval-resize", "32", "--eval-crop", "32", "--num-workers", "0",
 ]  # fmt: skip
@@ -210,7 +211,9 @@ def test_timm_names_of_our_vits() -> None:
 
 
 def pico_cfg(**overrides: object) -> Config:
-    base = {"out_dim": 64, "head_hidden_dim": 64, "global_size": 32, "local_size": 16}
+    base = {
+        "out_dim": 64, "head_hidden_dim": 64, "patch_size": 4, "global_size": 32, "local_size": 16,
+    }  # fmt: skip
     return load_config("fashion-mnist", base | overrides)
 
 
