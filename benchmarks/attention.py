@@ -14,7 +14,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from harness import interleave, machine_name, paired_speedup, save_results, stamp, table
 
 #: (label, batch, heads, tokens, head dim): the attention calls of one training step.
@@ -54,7 +53,7 @@ def main() -> None:
             )
             grad = torch.randn(b, h, n, d, device=device, dtype=dtype)
 
-            def step(fn=None) -> None:
+            def step(fn, q=q, k=k, v=v, grad=grad) -> None:
                 fn(q, k, v).backward(grad)
 
             ref = explicit(q, k, v)

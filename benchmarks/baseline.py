@@ -174,7 +174,9 @@ def plain_network(ours: nn.Module, drop_path_rate: float) -> PlainMultiCrop:
     state["head.weight_g"] = head.last_layer.parametrizations.weight.original0.detach()
     state["head.weight_v"] = v.detach()
     net.load_state_dict(state)
-    net.head.weight_g.requires_grad_(head.last_layer.parametrizations.weight.original0.requires_grad)
+    net.head.weight_g.requires_grad_(
+        head.last_layer.parametrizations.weight.original0.requires_grad
+    )
     return net
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import machine_name, save_results, stamp, table
 from PIL import Image, ImageDraw
 
 from dino.config import Config, load_config
@@ -32,7 +33,6 @@ from dino.data.datasets import TensorImages, fashion_mnist, load_image
 from dino.data.multicrop import MultiCropTransform
 from dino.data.tensor_aug import TensorMultiCrop
 from dino.training.setup import Batches, Dist
-from harness import machine_name, save_results, stamp, table
 
 #: Size of the synthetic JPEGs: a typical ImageNet photograph.
 PHOTO_SIZE = (500, 375)
@@ -161,7 +161,9 @@ def main() -> None:
     if not args.no_save:
         device = torch.device("cpu")
         result = {**stamp(device), "threads": args.threads, "rows": rows}
-        path = save_results(machine_name(device), "input_pipeline", f"threads{args.threads}", result)
+        path = save_results(
+            machine_name(device), "input_pipeline", f"threads{args.threads}", result
+        )
         print(f"written to {path}")
 
 

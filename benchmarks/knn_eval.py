@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from harness import machine_name, save_results, stamp, table
 
 from dino.config import load_config
 from dino.data.datasets import open_training_data
@@ -22,7 +23,6 @@ from dino.eval.features import extract, tensor_eval_batches
 from dino.eval.neighbors import weighted_knn
 from dino.models.backbones import build_backbone
 from dino.training.setup import AUTOCAST_DTYPES, Dist, resolve_device, resolve_precision
-from harness import machine_name, save_results, stamp, table
 
 
 def main() -> None:

@@ -29,21 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from baseline import PlainStep
-from dino.config import Config, load_config
-from dino.data.datasets import open_training_data
-from dino.training.loop import Trainer, _step_seed
-from dino.training.setup import (
-    AUTOCAST_DTYPES,
-    Batches,
-    Dist,
-    Schedules,
-    build_networks,
-    resolve_device,
-    resolve_precision,
-)
 from harness import (
     current_rss_mb,
     gpu_bf16_peak,
@@ -55,6 +41,20 @@ from harness import (
     stamp,
     synchronize,
     table,
+)
+from torch.utils.flop_counter import FlopCounterMode
+
+from dino.config import Config, load_config
+from dino.data.datasets import open_training_data
+from dino.training.loop import Trainer, _step_seed
+from dino.training.setup import (
+    AUTOCAST_DTYPES,
+    Batches,
+    Dist,
+    Schedules,
+    build_networks,
+    resolve_device,
+    resolve_precision,
 )
 
 #: The iteration the timed steps start at: inside the learning-rate warm-up, lr > 0.
@@ -195,9 +195,7 @@ def memory_probe(impl: Impl, args: argparse.Namespace) -> dict[str, float]:
         step()
     synchronize(device)
     peak = (
-        torch.cuda.max_memory_allocated(device) / 2**20
-        if device.type == "cuda"
-        else peak_rss_mb()
+        torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     )
     return {"peak_mem_mb": peak - before, "peak_total_mb": peak, "before_steps_mb": before}
 
@@ -294,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     times = interleave(
         {n: s for n, s in steps.items()}, args.steps, args.warmup, device, on_step=log_step
     )
-    del steps
+    steps.clear()  # free the networks before counting FLOPs
     flops = None if args.no_flops else count_flops(args, views, device)
     rows: dict[str, dict[str, Any]] = {}
     for impl in impls:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every measurement of docs/performance.md, in the order it reports them. Each script prints
+# its table and merges its JSON into benchmarks/results/<machine>.json.
+# On a 2-core CPU the whole run takes about 40 minutes; run it on an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python}
+
+# the recipe's ViT-S/16 step (the stable entry point), fp32 and bf16, ours vs the plain baseline
+$py benchmarks/train_step.py --arch vit_small --patch-size 16 --batch-size 16 --global-size 224 \
+    --local-size 96 --local-crops 8 --out-dim 65536 --steps 5 --precision fp32,bf16
+# the built-in Fashion-MNIST preset, with torch.compile
+$py benchmarks/train_step.py --preset fashion-mnist --precision fp32,bf16 --steps 5 --compile
+# torch.compile on the ViT-S/16 step (compile time and steady state)
+$py benchmarks/train_step.py --arch vit_small --batch-size 16 --precision bf16 --impl ours \
+    --compile --steps 3 --no-memory
+$py benchmarks/attention.py
+$py benchmarks/input_pipeline.py --images 64
+$py benchmarks/knn_eval.py
