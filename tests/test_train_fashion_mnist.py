@@ -41,8 +41,11 @@ def test_training_raises_knn_above_random_init(tmp_path):
     print(f"k-NN top-1: random init {before:.2f} -> trained {after:.2f}")
     assert after >= before + 2.5, (before, after)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the loss went down
+    # The DINO loss is not monotone (it is the teacher entropy plus the KL, and the entropy
+    # rises after the first steps), so check the KL: a collapsed run has KL ~ 0 (RECIPE.md);
+    # this run ends near 0.3.
+    kl = [r["kl"] for r in rows if "kl" in r]
+    assert sum(kl[-5:]) / 5 > 0.1
     assert not any("collapse" in r for r in rows)  # never flagged as collapsing
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["knn"]["20"]["top1"] == pytest.approx(after)
