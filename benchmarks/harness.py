@@ -104,23 +104,46 @@ def interleave(
     Round ``r`` calls every function once, in the given order when ``r`` is even and reversed
     when odd, so that a slow period of the machine falls on all of them alike. The first
     ``warmup`` rounds are not timed (their times are kept under ``"<name>:warmup"``).
+    ``"<name>:other"`` holds, for each timed call, the share of the machine's CPU time that
+    other processes used meanwhile (:func:`foreign_cpu_share`): near 0 on an idle machine.
     """
     device = device or torch.device("cpu")
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
     times.update({f"{n}:warmup": [] for n in names})
+    times.update({f"{n}:other": [] for n in names})
     for r in range(warmup + rounds):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
             synchronize(device)
+            cpu0 = _cpu_counters()
             t0 = time.perf_counter()
             steps[name]()
             synchronize(device)
             dt = time.perf_counter() - t0
             times[f"{name}:warmup" if r < warmup else name].append(dt)
+            if r >= warmup:
+                times[f"{name}:other"].append(foreign_cpu_share(cpu0, _cpu_counters(), dt))
             if on_step is not None:
                 on_step(name, r - warmup, dt)
     return times
+
+
+def _cpu_counters() -> tuple[float, float]:
+    """(CPU seconds all processes spent busy, CPU seconds of this process) so far."""
+    own = time.process_time()
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return float("nan"), own
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own
+
+
+def foreign_cpu_share(before: tuple[float, float], after: tuple[float, float], wall: float):
+    """Share of all cores' time that other processes were busy between the two counters."""
+    busy, own = after[0] - before[0], after[1] - before[1]
+    return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
 
 
 def paired_speedup(fast: list[float], slow: list[float]) -> float:

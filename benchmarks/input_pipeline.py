@@ -146,7 +146,7 @@ def main() -> None:
             files.append(Path(tmp) / f"{i}.jpg")
             im.save(files[-1], quality=90)
         decoded = [load_image(f) for f in files]
-        batch = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in decoded])
+        batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in decoded])
         rows += measure("recipe 2x224+8x96", recipe, files, decoded, batch, args.rounds)
 
     preset = load_config("fashion-mnist")

@@ -245,12 +245,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def summarize(impl: Impl, times: list[float], batch: int, flops: float | None, device) -> dict:
+def summarize(
+    times: list[float], other: list[float], batch: int, flops: float | None, device
+) -> dict:
     median = statistics.median(times)
     row: dict[str, Any] = {
         "img_per_s": batch / median,
+        "img_per_s_best": batch / min(times),
         "step_s": median,
         "step_s_all": [round(t, 4) for t in times],
+        "other_cpu": statistics.median(other) if other else None,
     }
     if flops:
         row["tflop_per_s"] = flops / median / 1e12
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops = None if args.no_flops else count_flops(args, views, device)
     rows: dict[str, dict[str, Any]] = {}
     for impl in impls:
-        row = summarize(impl, times[impl.name], batch, flops, device)
+        row = summarize(times[impl.name], times[f"{impl.name}:other"], batch, flops, device)
         row["first_step_loss"] = first_loss.get(impl.name)
         row["first_step_s"] = times[f"{impl.name}:warmup"][0] if args.warmup else None
         if impl.compiled and args.warmup:
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = None
     for p, result in results.items():
         if not args.no_save:
-            key = f"{args.preset or 'flags'}:{label}:{p}"
+            key = f"{args.preset or 'flags'}:{label}:{p}:{args.impl}{':compile' * args.compile}"
             path = save_results(machine_name(device) if not args.machine else args.machine,
                                 "train_step", key, result)  # fmt: skip
     if path:
@@ -338,10 +342,15 @@ def report(
         same = f"baseline@{impl.precision}"
         if impl.kind == "ours" and same in times:
             row["x_vs_same_prec_baseline"] = paired_speedup(times[impl.name], times[same])
+        eager = f"ours@{impl.precision}"
+        if impl.compiled and eager in times:
+            row["x_vs_eager"] = paired_speedup(times[impl.name], times[eager])
         rows[impl.name] = {k: v for k, v in row.items() if k != "impl"}
         table_rows.append(row)
-    cols = ["impl", "img_per_s", "step_s", "peak_mem_mb", "tflop_per_s", "mfu"]
-    cols += ["x_vs_fp32_baseline", "x_vs_same_prec_baseline", "first_step_loss", "compile_s"]
+    cols = ["impl", "img_per_s", "img_per_s_best", "step_s", "other_cpu", "peak_mem_mb"]
+    cols += ["tflop_per_s", "mfu"]
+    cols += ["x_vs_fp32_baseline", "x_vs_same_prec_baseline", "x_vs_eager", "first_step_loss"]
+    cols += ["compile_s"]
     cols = [c for c in cols if any(c in r for r in table_rows)]
     gflop = f", {flops / 1e9:.0f} GFLOP per step" if flops else ""
     print(table(table_rows, cols, f"train step {label} on {device}{gflop} (median of steps)"))
