@@ -1,11 +1,32 @@
 """Batched multi-crop augmentation on tensors, on the training device.
 
-The same per-view pipeline as :mod:`dino.data.multicrop` (RECIPE.md): RandomResizedCrop (bicubic),
-horizontal flip, color jitter (random order of brightness, contrast, saturation, hue), grayscale,
-Gaussian blur, solarization, normalization, but applied to a whole batch at once: the crop,
-resize and flip of every sample are one ``grid_sample`` call, the blur one grouped convolution.
+The same per-view pipeline as :mod:`dino.data.multicrop` (RECIPE.md): RandomResizedCrop (bicubic,
+antialiased), horizontal flip, color jitter (random order of brightness, contrast, saturation,
+hue), grayscale, Gaussian blur, solarization, normalization, but applied to a whole batch at once.
 Random parameters come from :mod:`dino.data.seeding`, one key per (seed, epoch, sample, view),
 so a sample's views are the same whatever the batch it lands in.
+
+How the batch is processed (``benchmarks/input_pipeline.py`` measures it against the PIL path):
+
+* views of the same size are one batch of rows (``views x samples``);
+* crop + resize + flip: on CPUs, each row is one call of torch's antialiased ``uint8`` bicubic
+  resize, the kernel torchvision runs in the PIL path (so the same pixels); on other devices,
+  and for small images, two batched matrix products with the same filter weights
+  (:func:`resize_weights`), in float;
+* the rows are then sorted by their color-jitter order (24 permutations, or none), so each
+  operation runs in place on contiguous slices (in chunks that stay in the CPU caches) instead
+  of boolean-mask copies; grayscale and solarization also run on slices, the blur on gathered
+  rows;
+* the pipeline works in pixel units (0..255) and folds the ``/ 255`` into the normalization,
+  which also puts the rows back in sample order.
+
+On CPUs the working buffers are kept between calls (allocating fresh pages costs more than most
+of the passes over them).
+
+Differences from the PIL path: it rounds or truncates to ``uint8`` after every operation, this
+path only after the resize on CPUs (the PIL path's exact resized pixels) and never elsewhere
+(float resize, within one ``uint8`` step); luma weights are 0.299/0.587/0.114 (torchvision's
+0.2989/0.587/0.114).
 """
 
 from __future__ import annotations
@@ -22,6 +43,13 @@ from dino.data.seeding import sample_keys, uniforms
 _ATTEMPTS = 10
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 _N_DRAWS = 4 * _ATTEMPTS + 14
+_GRAY = (0.299, 0.587, 0.114)
+#: Largest ``C * size * H * (W + size)`` (multiply-adds per row) resized by matrix products on
+#: CPUs; above it, one antialiased ``uint8`` resize call per row is faster.
+_DENSE_RESIZE_MACS = 1 << 18
+#: Bytes of rows processed together on CPUs (a chunk stays in the L2/L3 caches).
+_CHUNK_BYTES = 1 << 21
+_BOUND = 255.0
 
 
 @dataclass(frozen=True)
@@ -65,14 +93,35 @@ def crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, float
     return boxes
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 1:
-        return x
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).to(x.dtype)
+def _bicubic_aa(x: np.ndarray) -> np.ndarray:
+    """The cubic convolution kernel with a = -0.5 (PIL's, and torch's with ``antialias=True``)."""
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (f * a + (1 - f) * b).clamp_(0, 1)
+def resize_weights(start: np.ndarray, length: np.ndarray, size: int, in_size: int) -> np.ndarray:
+    """``[B, size, in_size]`` float32 matrices resizing pixels ``start .. start + length`` of an
+    axis of ``in_size`` pixels to ``size`` pixels: bicubic, antialiased when shrinking.
+
+    The weights of torch's ``interpolate(mode="bicubic", antialias=True)`` (PIL's filter), which
+    torchvision's ``resized_crop`` runs on the cropped image: the kernel is stretched by the
+    shrink factor, cut at the crop's edges and renormalized.
+    """
+    start = np.asarray(start, np.float64)[:, None, None]
+    length = np.asarray(length, np.float64)[:, None, None]
+    scale = length / size
+    stretch = np.maximum(scale, 1.0)
+    support = 2.0 * stretch
+    center = scale * (np.arange(size)[None, :, None] + 0.5)
+    lo = np.maximum(np.trunc(center - support + 0.5), 0)
+    hi = np.minimum(np.trunc(center + support + 0.5), length)
+    j = np.arange(in_size)[None, None, :] - start  # input pixel, relative to the crop
+    w = np.where((j >= lo) & (j < hi), _bicubic_aa((j - center + 0.5) / stretch), 0.0)
+    total = w.sum(-1, keepdims=True)
+    return (w / np.where(total != 0, total, 1.0)).astype(np.float32)
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -99,24 +148,153 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Hue rotation through HSV and back (the reference for :func:`_adjust_hue_`)."""
     hsv = _rgb_to_hsv(x)
     hsv[:, 0] = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
     return _hsv_to_rgb(hsv)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Blur each image with its own sigma: separable grouped convolution, reflect padding."""
-    b, c, h, w = x.shape
-    radius = max(1, min(int(math.ceil(3 * max_sigma)), (min(h, w) - 1)))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, 2r+1]
-    y = x.reshape(1, b * c, h, w)
-    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, k[:, None, None, :], groups=b * c)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    y = F.conv2d(y, k[:, None, :, None], groups=b * c)
-    return y.reshape(b, c, h, w)
+class _Buffers:
+    """Working memory reused between calls on CPUs (fresh pages cost more than a pass over
+    them); elsewhere a plain allocation, which the device's caching allocator makes cheap."""
+
+    def __init__(self) -> None:
+        self._store: dict[str, torch.Tensor] = {}
+
+    def get(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """An uninitialized ``shape`` tensor; on CPUs, a view of the buffer called ``name``."""
+        if device.type != "cpu":
+            return torch.empty(shape, device=device, dtype=dtype)
+        n = math.prod(shape)
+        buf = self._store.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = torch.empty(n, dtype=dtype)
+            self._store[name] = buf
+        return buf[:n].view(shape)
+
+
+def _gray_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Luma of the RGB rows ``x`` into ``out`` (``[n, H, W]``)."""
+    torch.mul(x[:, 0], _GRAY[0], out=out)
+    out.add_(x[:, 1], alpha=_GRAY[1])
+    return out.add_(x[:, 2], alpha=_GRAY[2])
+
+
+def _brightness_(x: torch.Tensor, f: torch.Tensor) -> None:
+    x.mul_(f).clamp_(0, _BOUND)
+
+
+def _contrast_(x: torch.Tensor, f: torch.Tensor) -> None:
+    """Blend with the mean luma of each row (torchvision's ``adjust_contrast``)."""
+    means = x.mean((2, 3))
+    if x.shape[1] == 3:
+        means = means @ torch.tensor(_GRAY, device=x.device, dtype=x.dtype)
+    x.mul_(f).add_((1 - f) * means.view(-1, 1, 1, 1)).clamp_(0, _BOUND)
+
+
+def _saturation_(x: torch.Tensor, f: torch.Tensor, gray: torch.Tensor) -> None:
+    """Blend with the luma of each pixel (torchvision's ``adjust_saturation``)."""
+    g = _gray_into(x, gray).unsqueeze(1).mul_(1 - f)
+    torch.addcmul(g, x, f, out=x).clamp_(0, _BOUND)
+
+
+def _adjust_hue_(x: torch.Tensor, shift: torch.Tensor, bufs: list[torch.Tensor]) -> None:
+    """:func:`_adjust_hue` in place on RGB rows ``x``, with six ``[n, H, W]`` scratch buffers.
+
+    A hue rotation keeps each pixel's max and min channel: the closed form of
+    :func:`_hsv_to_rgb`, ``max - (max - min) clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6h) mod 6`` for channel ``n`` (5, 3, 1 for R, G, B), is
+    ``min + (max - min) clamp(d - 1, 0, 1)`` with ``d`` the distance from ``k`` to 2 around the
+    circle of length 6. With ``e = (6h - 3) mod 6``, ``d`` is ``|e - 4|`` for B, ``|e - 2|`` for
+    G and ``min(e, 6 - e)`` for R. Selections are blends with 0/1 weights and the ``mod`` one
+    conditional subtraction (``torch.where``, ``aminmax`` and ``remainder`` are 5-50x slower
+    than plain arithmetic on CPUs).
+    """
+    r, g, b = x.unbind(1)
+    at_r, minc, delta, at_g, e, t = bufs
+    torch.amax(x, 1, out=at_r)
+    torch.amin(x, 1, out=minc)
+    torch.sub(at_r, minc, out=delta)
+    torch.eq(at_r, g, out=at_g)
+    torch.eq(at_r, r, out=at_r)
+    # 6 h (max - min), by max channel: g - b (red), 2 delta + b - r (green), 4 delta + r - g (blue)
+    torch.sub(r, g, out=e).add_(delta, alpha=4)
+    torch.sub(b, r, out=t).add_(delta, alpha=2)
+    torch.lerp(e, t, at_g, out=e)
+    torch.lerp(e, torch.sub(g, b, out=t), at_r, out=e)
+    # 6 h is in [-1, 5], so 6 h - 3 + 6 shift is in [low, low + 6] with low = 6 shift - 4: an
+    # offset of a multiple of 6 brings low into [0, 6), and one subtraction ends in [0, 6)
+    low = 6 * shift - 4
+    e.div_(delta.clamp_(min=1e-12)).add_((6 * shift - 3 - 6 * torch.floor(low / 6)).view(-1, 1, 1))
+    e.sub_(torch.ge(e, 6, out=t), alpha=6)
+    for c in (2, 1, 0):
+        if c == 0:
+            d = torch.minimum(e, torch.sub(e, 6, out=t).neg_(), out=t)
+        else:
+            d = torch.sub(e, 4 if c == 2 else 2, out=t).abs_()
+        torch.addcmul(minc, delta, d.sub_(1).clamp_(0, 1), out=x[:, c])
+
+
+def _blur_kernels(sigma: np.ndarray, radius: int) -> np.ndarray:
+    """``[n, 2 radius + 1]`` normalized Gaussian taps (torchvision's ``gaussian_blur``)."""
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
+    return (k / k.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _blur_(
+    x: torch.Tensor, rows: np.ndarray, kernels: torch.Tensor, radius: int, bufs: _Buffers
+) -> None:
+    """Blur rows ``rows`` of ``x`` in place, each with its own kernel: separable, reflect
+    padding, as shifted multiply-adds over chunks of rows that stay in the caches."""
+    _, c, h, w = x.shape
+    r = radius
+    chunk = _chunk_rows(x, len(rows))
+    idx_all = torch.from_numpy(rows).to(x.device)
+    for i in range(0, len(rows), chunk):
+        idx = idx_all[i : i + chunk]
+        k = kernels[i : i + chunk]
+        m = len(idx)
+        taps = [k[:, j].view(-1, 1, 1, 1) for j in range(2 * r + 1)]
+        rows_x = torch.index_select(x, 0, idx, out=bufs.get("blur_o", (m, c, h, w), x.device))
+        p = bufs.get("blur_p", (m, c, h, w + 2 * r), x.device)
+        p[..., r : r + w] = rows_x
+        p[..., :r] = rows_x[..., 1 : r + 1].flip(-1)
+        p[..., r + w :] = rows_x[..., w - r - 1 : w - 1].flip(-1)
+        q = bufs.get("blur_q", (m, c, h + 2 * r, w), x.device)
+        mid = q[:, :, r : r + h]
+        torch.mul(p[..., :w], taps[0], out=mid)
+        for j in range(1, 2 * r + 1):
+            mid.addcmul_(p[..., j : j + w], taps[j])
+        q[:, :, :r] = mid[:, :, 1 : r + 1].flip(-2)
+        q[:, :, r + h :] = mid[:, :, h - r - 1 : h - 1].flip(-2)
+        torch.mul(q[:, :, :h], taps[0], out=rows_x)
+        for j in range(1, 2 * r + 1):
+            rows_x.addcmul_(q[:, :, j : j + h], taps[j])
+        x.index_copy_(0, idx, rows_x)
+
+
+def _chunk_rows(x: torch.Tensor, n: int) -> int:
+    """How many rows of ``x`` to process at once: :data:`_CHUNK_BYTES` on CPUs, all elsewhere."""
+    if x.device.type != "cpu":
+        return max(n, 1)
+    return max(1, _CHUNK_BYTES // (x[0].numel() * x.element_size()))
+
+
+def _runs(flags: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the runs of True in a 1-D boolean array, cut every ``chunk`` rows."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))).tolist()
+    return [
+        (i, min(i + chunk, z))
+        for a, z in zip(edges[0::2], edges[1::2], strict=True)
+        for i in range(a, z, chunk)
+    ]
 
 
 class TensorMultiCrop:
@@ -128,6 +306,9 @@ class TensorMultiCrop:
         color_jitter_p, grayscale_p: probabilities of the jitter and of grayscale.
         blur_sigma: (min, max) sigma of the Gaussian blur, in pixels of the output view.
         mean, std: normalization (RGB).
+
+    The views of the same size are slices of one tensor. On CPUs the instance keeps its working
+    buffers (about the size of the views of one call) between calls.
     """
 
     def __init__(
@@ -150,78 +331,161 @@ class TensorMultiCrop:
         self.blur_sigma = blur_sigma
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self._bufs = _Buffers()
 
     def __call__(
         self, images: torch.Tensor, indices: np.ndarray, epoch: int, seed: int
     ) -> list[torch.Tensor]:
-        x = images.float().div_(255)
-        return [
-            self.view(x, uniforms(sample_keys(seed, epoch, indices, stream=v), _N_DRAWS), spec)
-            for v, spec in enumerate(self.views)
+        b = images.shape[0]
+        u = [
+            uniforms(sample_keys(seed, epoch, indices, stream=v), _N_DRAWS)
+            for v in range(len(self.views))
         ]
+        views: dict[int, torch.Tensor] = {}
+        source: dict[str, torch.Tensor] = {}
+        for size in dict.fromkeys(spec.size for spec in self.views):
+            group = [v for v, spec in enumerate(self.views) if spec.size == size]
+            x = self._views(images, [self.views[v] for v in group], [u[v] for v in group], source)
+            views.update((v, x[j * b : (j + 1) * b]) for j, v in enumerate(group))
+        return [views[v] for v in range(len(self.views))]
 
-    def view(self, x: torch.Tensor, u: np.ndarray, spec: ViewSpec) -> torch.Tensor:
-        """One view of every image of ``x`` (float in [0, 1]) from the uniforms ``u``."""
-        b, c, height, width = x.shape
-        dev = x.device
-        boxes = crop_boxes(u[:, : 4 * _ATTEMPTS], height, width, spec.scale)
-        u = torch.from_numpy(u[:, 4 * _ATTEMPTS :]).to(dev, torch.float32)
-        flip = u[:, 0] < 0.5
-        # crop + bicubic resize + flip as one affine sampling (align_corners=False convention)
-        top, left, h, w = (torch.from_numpy(boxes[:, i]).to(dev, torch.float32) for i in range(4))
-        theta = torch.zeros(b, 2, 3, device=dev)
-        theta[:, 0, 0] = torch.where(flip, -w / width, w / width)
-        theta[:, 0, 2] = (2 * left + w) / width - 1
-        theta[:, 1, 1] = h / height
-        theta[:, 1, 2] = (2 * top + h) / height - 1
-        grid = F.affine_grid(theta, [b, c, spec.size, spec.size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
-        x = x.clamp_(0, 1)
-        x = self._color_jitter(x, u)
-        if c == 3:
-            gray = (u[:, 10] < self.grayscale_p).view(-1, 1, 1, 1)
-            x = torch.where(gray, _gray(x).expand_as(x), x)
-        blur = u[:, 11] < spec.blur_p
-        if blur.any():
-            lo, hi = self.blur_sigma
-            sigma = lo + (hi - lo) * u[blur, 12]
-            x[blur] = _gaussian_blur(x[blur], sigma, hi)
-        solar = (u[:, 13] < spec.solarize_p).view(-1, 1, 1, 1)
-        x = torch.where(solar & (x >= 128 / 255), 1 - x, x)
-        if c == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+    def _draws(self, d: np.ndarray, specs: list[ViewSpec], channels: int) -> dict[str, np.ndarray]:
+        """The random parameters of each row from its 14 uniforms ``d`` (torchvision's ranges)."""
+        b = len(d) // len(specs)
+        factors = []
+        for i, s in enumerate(self.jitter[:3]):  # brightness, contrast, saturation
+            lo = max(0.0, 1 - s)
+            factors.append(lo + (1 + s - lo) * d[:, 2 + i])
+        factors.append(self.jitter[3] * (2 * d[:, 5] - 1))  # hue
+        order = np.argsort(d[:, 6:10], axis=1)  # a uniform random permutation per row
+        ops = 4 if channels == 3 else 2  # saturation and hue are the identity on one channel
+        seq = order if ops == 4 else order[order < ops].reshape(-1, ops)
+        jitter = d[:, 1] < self.color_jitter_p
+        lo, hi = self.blur_sigma
+        return {
+            "flip": d[:, 0] < 0.5,
+            "factors": np.stack(factors, 1).astype(np.float32),
+            "seq": seq,
+            "key": np.where(jitter, seq @ ops ** np.arange(ops)[::-1], -1),
+            "gray": (d[:, 10] < self.grayscale_p) & (channels == 3),
+            "blur": d[:, 11] < np.repeat([s.blur_p for s in specs], b),
+            "sigma": lo + (hi - lo) * d[:, 12],
+            "solar": d[:, 13] < np.repeat([s.solarize_p for s in specs], b),
+        }
 
-    def _color_jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """ColorJitter with probability p, its 4 operations in a random order per sample.
+    def _views(
+        self,
+        images: torch.Tensor,
+        specs: list[ViewSpec],
+        u: list[np.ndarray],
+        source: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The views of the same size, view-major: ``[len(specs) * B, 3, size, size]``.
 
-        For one-channel (gray) images saturation and hue are the identity and are skipped.
+        Rows are processed sorted by (jitter order, grayscale, solarization), so that each
+        operation runs on contiguous slices, and put back in order by the normalization.
         """
-        apply = u[:, 1] < self.color_jitter_p
-        bright, contr, sat, hue = self.jitter
-        factors = [
-            1 + bright * (2 * u[:, 2] - 1),
-            1 + contr * (2 * u[:, 3] - 1),
-            1 + sat * (2 * u[:, 4] - 1),
-            hue * (2 * u[:, 5] - 1),
-        ]
-        order = torch.argsort(u[:, 6:10], dim=1)  # a uniform random permutation per sample
-        gray_input = x.shape[1] == 1
-        for step in range(4):
-            for op in range(4):
-                if gray_input and op >= 2:
-                    continue
-                sel = apply & (order[:, step] == op)
-                if not sel.any():
-                    continue
-                xs, f = x[sel], factors[op][sel].view(-1, 1, 1, 1)
+        b, c, height, width = images.shape
+        size, dev = specs[0].size, images.device
+        boxes = np.concatenate(
+            [
+                crop_boxes(v[:, : 4 * _ATTEMPTS], height, width, s.scale)
+                for v, s in zip(u, specs, strict=True)
+            ]
+        )
+        p = self._draws(np.concatenate([v[:, 4 * _ATTEMPTS :] for v in u]), specs, c)
+        n = len(boxes)
+        perm = np.lexsort((p["solar"], p["gray"], p["key"]))
+        pos = np.empty(n, np.int64)
+        pos[perm] = np.arange(n)
+        x = self._bufs.get("work", (n, c, size, size), dev)
+        self._resize(images, boxes, p["flip"], pos, x, source)
+
+        chunk = _chunk_rows(x, n)
+        key = p["key"][perm]
+        runs = []  # (start, stop, operations) of the rows with the same jitter order
+        for a, z in _runs(key >= 0, n):
+            starts = np.flatnonzero(np.diff(key[a:z], prepend=-2)).tolist()
+            for s, t in zip(starts, starts[1:] + [z - a], strict=True):
+                ops = p["seq"][perm[a + s]].tolist()
+                runs += [(i, min(i + chunk, a + t), ops) for i in range(a + s, a + t, chunk)]
+        longest = max((z - a for a, z, _ in runs), default=min(chunk, n))
+        scratch = [self._bufs.get(f"scratch{i}", (longest, size, size), dev) for i in range(6)]
+        fac = torch.from_numpy(p["factors"][perm]).to(dev)
+        for a, z, ops in runs:
+            xs, f, tmp = x[a:z], fac[a:z], [s[: z - a] for s in scratch]
+            for op in ops:
+                fo = f[:, op].view(-1, 1, 1, 1)
                 if op == 0:
-                    xs = (xs * f).clamp_(0, 1)
+                    _brightness_(xs, fo)
                 elif op == 1:
-                    xs = _blend(xs, _gray(xs).mean((1, 2, 3), keepdim=True), f)
+                    _contrast_(xs, fo)
                 elif op == 2:
-                    xs = _blend(xs, _gray(xs), f)
+                    _saturation_(xs, fo, tmp[0])
                 else:
-                    xs = _adjust_hue(xs, f.view(-1))
-                x[sel] = xs
-        return x
+                    _adjust_hue_(xs, f[:, 3], tmp)
+        for a, z in _runs(p["gray"][perm], longest):
+            g = _gray_into(x[a:z], scratch[0][: z - a])
+            x[a:z].copy_(g.unsqueeze(1).expand(-1, 3, -1, -1))
+        lo, hi = self.blur_sigma
+        radius = (min(2 * math.ceil(3 * hi) + 1, size - (1 - size % 2)) - 1) // 2  # as PIL path
+        rows = np.flatnonzero(p["blur"][perm])
+        if radius > 0 and len(rows):
+            kernels = torch.from_numpy(_blur_kernels(p["sigma"][perm][rows], radius)).to(dev)
+            _blur_(x, rows, kernels, radius, self._bufs)
+        for a, z in _runs(p["solar"][perm], n):
+            xs = x[a:z]
+            torch.where(xs >= 128, _BOUND - xs, xs, out=xs)
+        # normalization of pixel units, which puts the rows back in order
+        scale = (1 / (_BOUND * self.std)).to(dev)
+        bias = (-self.mean / self.std).to(dev)
+        out = torch.empty(n, 3, size, size, device=dev)
+        index = torch.from_numpy(pos).to(dev)
+        if c == 3:
+            return torch.index_select(x, 0, index, out=out).mul_(scale).add_(bias)
+        return torch.addcmul(bias, x.index_select(0, index), scale, out=out)
+
+    def _resize(
+        self,
+        images: torch.Tensor,
+        boxes: np.ndarray,
+        flip: np.ndarray,
+        pos: np.ndarray,
+        x: torch.Tensor,
+        source: dict[str, torch.Tensor],
+    ) -> None:
+        """Crop, resize and flip row ``r`` (view-major) of ``images`` into row ``pos[r]`` of
+        ``x``, in pixel units."""
+        b, c, height, width = images.shape
+        size = x.shape[-1]
+        if images.device.type != "cpu" or c * size * height * (width + size) <= _DENSE_RESIZE_MACS:
+            if "float" not in source:
+                source["float"] = images.float()
+            img = source["float"]
+            for v in range(len(boxes) // b):
+                rows = slice(v * b, (v + 1) * b)
+                top, left, h, w = boxes[rows].T
+                ry = torch.from_numpy(resize_weights(top, h, size, height)).to(img.device)
+                rx = resize_weights(left, w, size, width)
+                rx[flip[rows]] = rx[flip[rows], ::-1]
+                rxt = torch.from_numpy(rx).to(img.device).transpose(1, 2)
+                y = torch.matmul(ry[:, None], torch.matmul(img, rxt[:, None]))
+                x.index_copy_(0, torch.from_numpy(pos[rows]).to(x.device), y.clamp_(0, _BOUND))
+            return
+        if "channels_last" not in source:  # the layout of torch's fast uint8 kernel
+            img = images
+            if not images.is_contiguous(memory_format=torch.channels_last):
+                img = self._bufs.get("source", (b, height, width, c), images.device, images.dtype)
+                torch.stack(images.unbind(1), dim=-1, out=img)  # 2x faster than copy_ here
+                img = img.permute(0, 3, 1, 2)
+            source["channels_last"] = img
+        img = source["channels_last"]
+        for r, (top, left, h, w) in enumerate(boxes.astype(np.int64).tolist()):
+            s = r % b
+            y = F.interpolate(
+                img[s : s + 1, :, top : top + h, left : left + w],
+                size=(size, size),
+                mode="bicubic",
+                antialias=True,
+            )
+            x[pos[r] : pos[r] + 1].copy_(y.flip(-1) if flip[r] else y)
