@@ -4,7 +4,7 @@ What each optimization of ``Trainer._step`` buys on the recipe's networks (ViT-S
 K = 65536; ``--preset`` for another): the optimizer (AdamW per-parameter loop, foreach, fused),
 the teacher EMA and the per-parameter clipping (Python loop vs foreach), the loss (one
 log-softmax per view vs one per pair, forward and backward) and the teacher forward (no_grad vs
-inference_mode). Every pair is timed interleaved.
+inference_mode), and a convnet student in NCHW vs channels-last. Every pair is timed interleaved.
 
     python benchmarks/step_parts.py
 """
@@ -118,6 +118,29 @@ def main() -> None:
         },
         "no_grad",
         "no_grad",
+    )
+
+    # convnets: NCHW (PyTorch's default) vs channels-last weights and inputs, as build_networks
+    # sets them up; the student's forward and backward of the recipe's views under bf16
+    rn_cfg = load_config("resnet50")
+    rn, _ = build_networks(rn_cfg)
+    rn_plain = copy.deepcopy(rn).to(memory_format=torch.contiguous_format)
+    rn_plain.channels_last = False
+    rb = max(1, b // 4)
+    d = rn_cfg.data
+    rn_views = [torch.randn(rb, 3, d.global_size, d.global_size)] * 2
+    rn_views += [torch.randn(rb, 3, d.local_size, d.local_size)] * d.local_crops
+
+    def convnet_step(net) -> None:
+        with torch.autocast("cpu", dtype=dtype):
+            out = net(rn_views)
+        out.float().square().mean().backward()
+
+    compare(
+        f"ResNet-50 student fwd+bwd (bf16, batch {rb})",
+        {"NCHW": lambda: convnet_step(rn_plain), "channels_last": lambda: convnet_step(rn)},
+        "channels_last",
+        "NCHW",
     )
     cols = ["part", "variant", "ms", "x_vs_plain", "ours"]
     print(table(rows, cols, f"step parts, {args.preset} networks, batch {b} (median ms)"))

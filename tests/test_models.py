@@ -393,3 +393,31 @@ def test_clip_per_parameter_is_not_global() -> None:
     torch.testing.assert_close(
         c.grad, F.normalize(torch.tensor([3.0, -4.0]), dim=0), atol=1e-5, rtol=0
     )
+
+
+def test_convnets_run_channels_last_and_compute_the_same() -> None:
+    """Convnet students and teachers keep their weights and inputs NHWC (faster convolutions);
+    the outputs and gradients are those of the default layout, and ViTs are left alone."""
+    cfg = load_config(None, {"arch": "tv:resnet18", "out_dim": 32, "head_hidden_dim": 16})
+    torch.manual_seed(0)
+    student, teacher = build_networks(cfg)
+    assert student.channels_last and teacher.channels_last
+    conv = student.backbone.net.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    plain = MultiCropNet(
+        build_backbone("tv:resnet18"),
+        DINOHead(512, 32, 16, use_bn=False, norm_last_layer=True),
+    )
+    plain.load_state_dict(student.state_dict())
+    views = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)]
+    student.eval(), plain.eval()  # batch statistics of 2 images would amplify rounding
+    out, ref = student(views), plain(views)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(
+        student.backbone.net.conv1.weight.grad, plain.backbone.net.conv1.weight.grad,
+        atol=1e-3, rtol=1e-3,
+    )  # fmt: skip
+    vit_student, _ = build_networks(load_config(None, {"arch": "vit_pico", "depth": 1}))
+    assert not vit_student.channels_last

@@ -13,10 +13,12 @@ class MultiCropNet(nn.Module):
     of all views stacked view-major: ``[len(views) * B, out_dim]``.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, channels_last: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        #: feed the backbone NHWC tensors (convnets whose weights are channels-last)
+        self.channels_last = channels_last
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         feats, start = [], 0
@@ -24,6 +26,9 @@ class MultiCropNet(nn.Module):
             end = start + 1
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
-            feats.append(self.backbone(torch.cat(views[start:end])))
+            x = torch.cat(views[start:end])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats.append(self.backbone(x))
             start = end
         return self.head(torch.cat(feats))

@@ -152,6 +152,11 @@ def build_networks(cfg: Config, load_init: bool = True) -> tuple[MultiCropNet, M
     teacher = net(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    if is_convnet(student.backbone):
+        # NHWC: oneDNN's and cuDNN's fast convolution layout (benchmarks/step_parts.py)
+        for net in (student, teacher):
+            net.to(memory_format=torch.channels_last)
+            net.channels_last = True
     return student, teacher
 
 
