@@ -236,3 +236,29 @@ def test_loss_has_gradient_for_student_only() -> None:
     loss.backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None  # the teacher receives no gradient
+
+
+@pytest.mark.parametrize("bounds", [[0, 2, 5], [0, 1, 5], [0, 3, 5], [0, 1, 2, 3, 4, 5]])
+def test_student_terms_of_a_partition_add_up_to_the_loss(bounds: list[int]) -> None:
+    """The training step backpropagates the views part by part (one resolution at a time): the
+    parts' terms must sum to the loss, and their gradients to its gradient."""
+    torch.manual_seed(0)
+    n_views, k, b = 5, 7, 3
+    student = torch.randn(n_views * b, k)
+    teacher = torch.randn(2 * b, k)
+    whole = student.clone().requires_grad_(True)
+    loss, _ = DINOLoss(k)(whole, teacher, 0.04)
+    loss.backward()
+    loss_fn = DINOLoss(k)
+    targets = loss_fn.targets(teacher, 0.04)
+    parts = student.clone().requires_grad_(True)
+    total = 0.0
+    for first, end in zip(bounds, bounds[1:], strict=False):
+        term = loss_fn.student_term(parts[first * b : end * b], targets, first, n_views)
+        term.backward()
+        total += term.item()
+    assert total == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(parts.grad, whole.grad)
+    assert targets.stats(torch.tensor(total)).kl.item() == pytest.approx(
+        loss.item() - targets.entropy.item(), rel=1e-6
+    )

@@ -421,3 +421,17 @@ def test_convnets_run_channels_last_and_compute_the_same() -> None:
     )  # fmt: skip
     vit_student, _ = build_networks(load_config(None, {"arch": "vit_pico", "depth": 1}))
     assert not vit_student.channels_last
+
+
+def test_training_step_backpropagates_one_resolution_at_a_time(tmp_path) -> None:
+    """Views are split into runs of one size (globals, locals); a head with BatchNorm, whose
+    statistics cover all views, keeps them together."""
+    from dino.training.loop import Trainer
+
+    base = {"arch": "vit_pico", "patch_size": 4, "depth": 1, "global_size": 8, "local_size": 4}
+    base |= {"out_dim": 16, "head_hidden_dim": 8, "batch_size": 4, "subset": 16, "local_crops": 3}
+    views = [torch.zeros(4, 3, 8, 8)] * 2 + [torch.zeros(4, 3, 4, 4)] * 3
+    trainer = Trainer(load_config(None, {**base, "output_dir": str(tmp_path / "a")}))
+    assert trainer._view_parts(views) == [(0, 2), (2, 5)]
+    cfg = load_config(None, {**base, "use_bn_in_head": True, "output_dir": str(tmp_path / "b")})
+    assert Trainer(cfg)._view_parts(views) == [(0, 5)]

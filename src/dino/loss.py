@@ -4,6 +4,9 @@ For teacher global view ``i`` and student view ``v != i`` the pair loss is
 ``-sum_k Pt_i[k] log Ps_v[k]`` averaged over the batch; the loss is the mean over all
 ``n_global * n_views - n_global`` pairs. Every view's log-softmax is computed once and the sum
 over pairs is one inner product: ``<sum_i Pt_i, sum_v log Ps_v> - sum_i <Pt_i, log Ps_i>``.
+That sum splits over any partition of the student views (:meth:`DINOLoss.student_term`): the
+training step backpropagates the global and the local views one after the other, so that only
+one resolution's activations are alive at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ class LossStats:
     teacher_entropy: torch.Tensor
     kl: torch.Tensor
     batch_entropy: torch.Tensor | None = None
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher side of one step: ``probs`` ``[G, B, K]``, their sum over the views
+    ``[B, K]``, and the collapse statistics that depend on the teacher alone."""
+
+    probs: torch.Tensor
+    probs_sum: torch.Tensor
+    entropy: torch.Tensor
+    batch_entropy: torch.Tensor
+
+    def stats(self, loss: torch.Tensor) -> LossStats:
+        """The statistics of a step whose (whole) loss is ``loss``."""
+        return LossStats(self.entropy, loss - self.entropy, self.batch_entropy)
 
 
 class DINOLoss(nn.Module):
@@ -54,27 +72,39 @@ class DINOLoss(nn.Module):
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
     ) -> tuple[torch.Tensor, LossStats]:
         """``student_out``: ``[V*B, K]`` (view-major), ``teacher_out``: ``[G*B, K]``."""
+        targets = self.targets(teacher_out, teacher_temp)
+        n_views = student_out.shape[0] // targets.probs.shape[1]
+        loss = self.student_term(student_out, targets, 0, n_views)
+        return loss, targets.stats(loss.detach())
+
+    def targets(self, teacher_out: torch.Tensor, teacher_temp: float) -> TeacherTargets:
+        """The centered, sharpened teacher distributions of a step (and its center update)."""
         self.apply_center_update()
-        n_views = student_out.shape[0] // (teacher_out.shape[0] // self.n_global)
-        s = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
-        s = s.unflatten(0, (n_views, -1))  # [V, B, K]
         t_logits = (teacher_out.detach().float() - self.center) / teacher_temp
         t = F.softmax(t_logits, dim=-1).unflatten(0, (self.n_global, -1))  # [G, B, K]
-        batch = s.shape[1]
-        n_pairs = self.n_global * n_views - min(self.n_global, n_views)
-        cross = (t.sum(0) * s.sum(0)).sum()
-        same = (t * s[: self.n_global]).sum()
-        loss = -(cross - same) / (batch * n_pairs)
         with torch.no_grad():
             log_t = F.log_softmax(t_logits, dim=-1).unflatten(0, (self.n_global, -1))
             entropy = -(t * log_t).sum(-1).mean()
             mean_t = t.mean(1)  # [G, K]
             batch_entropy = -(mean_t * mean_t.clamp_min(1e-30).log()).sum(-1).mean()
-            stats = LossStats(
-                teacher_entropy=entropy, kl=loss.detach() - entropy, batch_entropy=batch_entropy
-            )
         self._start_center_update(teacher_out.detach())
-        return loss, stats
+        return TeacherTargets(t, t.sum(0), entropy, batch_entropy)
+
+    def student_term(
+        self, student_out: torch.Tensor, targets: TeacherTargets, first_view: int, n_views: int
+    ) -> torch.Tensor:
+        """The loss terms of the student views ``first_view, first_view + 1, ..`` (their outputs
+        ``[v*B, K]``, view-major) out of ``n_views``: the terms of a partition of the views add
+        up to the loss, so each part can be backpropagated on its own."""
+        batch = targets.probs.shape[1]
+        s = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+        s = s.unflatten(0, (-1, batch))  # [v, B, K]
+        n_pairs = self.n_global * n_views - min(self.n_global, n_views)
+        cross = (targets.probs_sum * s.sum(0)).sum()
+        own = max(0, min(self.n_global - first_view, s.shape[0]))  # views the teacher saw too
+        if own:
+            cross = cross - (targets.probs[first_view : first_view + own] * s[:own]).sum()
+        return -cross / (batch * n_pairs)
 
     @torch.no_grad()
     def _start_center_update(self, teacher_out: torch.Tensor) -> None:

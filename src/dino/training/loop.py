@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,25 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # ---------------------------------------------------------------- the step
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
+    def _view_parts(self, views: list[torch.Tensor]) -> list[tuple[int, int]]:
+        """``(first, end)`` of each run of same-sized views; all views at once when the head
+        has BatchNorm (its statistics are over all views, as in the reference code)."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.head.modules()):
+            return [(0, len(views))]
+        parts, first = [], 0
+        for i in range(1, len(views) + 1):
+            if i == len(views) or views[i].shape[-2:] != views[first].shape[-2:]:
+                parts.append((first, i))
+                first = i
+        return parts
+
     def _step(self, views: list[torch.Tensor]) -> dict[str, Any]:
         """One optimization step. Returns its statistics, or ``{"skipped": reason}`` when the
         loss or a gradient was not finite: then nothing changes (weights, optimizer, teacher,
@@ -338,19 +358,27 @@ class Trainer:
             group["lr"] = float(self.sched.lr[it])
             if group["apply_wd"]:
                 group["weight_decay"] = float(self.sched.wd[it])
-        with torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
-            with torch.no_grad():
-                teacher_out = self.teacher(views[:2])
-            student_out = self.student_ddp(views)
-            loss, stats = self.loss_fn(student_out, teacher_out, float(self.sched.teacher_temp[it]))
-        if self._nan_kind == "loss" and it in self._nan_at:
-            loss = loss * float("nan")
+        with self._autocast(), torch.no_grad():
+            teacher_out = self.teacher(views[:2])
+        targets = self.loss_fn.targets(teacher_out, float(self.sched.teacher_temp[it]))
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        # the student's views one resolution at a time, each part backpropagated before the next
+        # part's forward: the loss is a sum over views, and one resolution's activations are
+        # alive at a time instead of all of them (DDP averages the gradients on the last part)
+        parts = self._view_parts(views)
+        loss = torch.zeros((), device=self.device)
+        for k, (first, end) in enumerate(parts):
+            last = k == len(parts) - 1
+            no_sync = getattr(self.student_ddp, "no_sync", None)
+            with nullcontext() if last or no_sync is None else no_sync():
+                with self._autocast():
+                    out = self.student_ddp(views[first:end])
+                    part = self.loss_fn.student_term(out, targets, first, len(views))
+                if self._nan_kind == "loss" and it in self._nan_at:
+                    part = part * float("nan")
+                self.scaler.scale(part).backward()
+            loss = loss + part.detach()
+        stats = targets.stats(loss)
         if self._nan_kind == "grad" and it in self._nan_at:
             next(p for p in self.params if p.grad is not None).grad.fill_(float("nan"))
         self.scaler.unscale_(self.optimizer)  # a no-op without fp16 loss scaling
