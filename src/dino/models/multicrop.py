@@ -21,14 +21,20 @@ class MultiCropNet(nn.Module):
         self.channels_last = channels_last
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        feats, start = [], 0
-        while start < len(views):
-            end = start + 1
-            while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
-                end += 1
+        feats = []
+        for start, end in same_size_runs(views):
             x = torch.cat(views[start:end])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             feats.append(self.backbone(x))
-            start = end
         return self.head(torch.cat(feats))
+
+
+def same_size_runs(views: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of consecutive views of one height and width."""
+    runs, start = [], 0
+    for i in range(1, len(views) + 1):
+        if i == len(views) or views[i].shape[-2:] != views[start].shape[-2:]:
+            runs.append((start, i))
+            start = i
+    return runs

@@ -52,6 +52,7 @@ from dino.eval.features import extract, file_eval_batches, tensor_eval_batches
 from dino.eval.neighbors import weighted_knn
 from dino.loss import DINOLoss
 from dino.models.backbones import is_convnet
+from dino.models.multicrop import same_size_runs
 from dino.training.checkpoint import (
     LATEST,
     BeforeRename,
@@ -173,6 +174,7 @@ class Trainer:
                 self.student,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
+        self._head_has_bn = is_convnet(self.student.head)  # any BatchNorm: views stay together
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.last_layer = [p for p in self.student.head.last_layer.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.student, cfg, self.device)
@@ -337,14 +339,7 @@ class Trainer:
     def _view_parts(self, views: list[torch.Tensor]) -> list[tuple[int, int]]:
         """``(first, end)`` of each run of same-sized views; all views at once when the head
         has BatchNorm (its statistics are over all views, as in the reference code)."""
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.student.head.modules()):
-            return [(0, len(views))]
-        parts, first = [], 0
-        for i in range(1, len(views) + 1):
-            if i == len(views) or views[i].shape[-2:] != views[first].shape[-2:]:
-                parts.append((first, i))
-                first = i
-        return parts
+        return [(0, len(views))] if self._head_has_bn else same_size_runs(views)
 
     def _step(self, views: list[torch.Tensor]) -> dict[str, Any]:
         """One optimization step. Returns its statistics, or ``{"skipped": reason}`` when the
