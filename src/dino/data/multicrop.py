@@ -16,10 +16,14 @@ from torchvision.transforms import InterpolationMode, v2
 from dino.config import DataConfig
 
 
+def blur_kernel_size(max_sigma: float, size: int) -> int:
+    """Taps of the Gaussian blur of a ``size``-pixel view: 3 sigma each side, odd and no larger
+    than the view (both augmentation paths)."""
+    return max(min(2 * math.ceil(3 * max_sigma) + 1, size - (1 - size % 2)), 1)
+
+
 def _blur(sigma: tuple[float, float], size: int) -> v2.Transform:
-    kernel = 2 * math.ceil(3 * sigma[1]) + 1
-    kernel = min(kernel, size - (1 - size % 2))  # odd and no larger than the view
-    return v2.GaussianBlur(kernel_size=max(kernel, 1), sigma=tuple(sigma))
+    return v2.GaussianBlur(kernel_size=blur_kernel_size(sigma[1], size), sigma=tuple(sigma))
 
 
 def view_transform(

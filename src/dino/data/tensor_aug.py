@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dino.data.multicrop import blur_kernel_size
 from dino.data.seeding import sample_keys, uniforms
 
 _ATTEMPTS = 10
@@ -428,7 +429,7 @@ class TensorMultiCrop:
             g = _gray_into(x[a:z], scratch[0][: z - a])
             x[a:z].copy_(g.unsqueeze(1).expand(-1, 3, -1, -1))
         lo, hi = self.blur_sigma
-        radius = (min(2 * math.ceil(3 * hi) + 1, size - (1 - size % 2)) - 1) // 2  # as PIL path
+        radius = (blur_kernel_size(hi, size) - 1) // 2
         rows = np.flatnonzero(p["blur"][perm])
         if radius > 0 and len(rows):
             kernels = torch.from_numpy(_blur_kernels(p["sigma"][perm][rows], radius)).to(dev)
