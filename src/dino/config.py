@@ -31,8 +31,9 @@ def _f(default: Any, help: str) -> Any:
 class ModelConfig:
     arch: str = _f(
         "vit_small",
-        "backbone: vit_tiny, vit_small, vit_base (with --patch-size), any timm model name, or "
-        "tv:<torchvision model>. Larger ViTs learn better features but cost more per step.",
+        "backbone: vit_pico, vit_nano (96 and 128 wide, for small images), vit_tiny, vit_small, "
+        "vit_base (with --patch-size), any timm model name, or tv:<torchvision model>. Larger "
+        "ViTs learn better features but cost more per step.",
     )
     patch_size: int = _f(
         16,
