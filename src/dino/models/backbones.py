@@ -129,6 +129,7 @@ def build_backbone(
     return model
 
 
-def is_convnet(backbone: nn.Module) -> bool:
-    """True for backbones with BatchNorm (they get synchronized BN under DDP)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
+def has_batchnorm(module: nn.Module) -> bool:
+    """True when ``module`` has a BatchNorm layer: convnet backbones, a head with BN (they get
+    synchronized BN under DDP, and a head with BN sees all views in one batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

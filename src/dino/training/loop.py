@@ -51,7 +51,7 @@ from dino.errors import DinoError
 from dino.eval.features import extract, file_eval_batches, tensor_eval_batches
 from dino.eval.neighbors import weighted_knn
 from dino.loss import DINOLoss
-from dino.models.backbones import is_convnet
+from dino.models.backbones import has_batchnorm
 from dino.models.multicrop import same_size_runs
 from dino.training.checkpoint import (
     LATEST,
@@ -162,7 +162,7 @@ class Trainer:
         self.student, self.teacher = build_networks(cfg, load_init=resume_state is None)
         self.student.to(self.device)
         self.teacher.to(self.device)
-        if self.d.world > 1 and is_convnet(self.student):  # any BatchNorm, head's included
+        if self.d.world > 1 and has_batchnorm(self.student):  # any BatchNorm, head's included
             self.student = sync_batchnorm(self.student, self.device)  # global-batch statistics
             self.teacher = sync_batchnorm(self.teacher, self.device)
         if cfg.run.compile:  # in place: parameter names (checkpoints) and DDP are unchanged
@@ -174,7 +174,7 @@ class Trainer:
                 self.student,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        self._head_has_bn = is_convnet(self.student.head)  # any BatchNorm: views stay together
+        self._head_has_bn = has_batchnorm(self.student.head)  # then all views go through together
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.last_layer = [p for p in self.student.head.last_layer.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.student, cfg, self.device)

@@ -20,7 +20,7 @@ from dino.data.multicrop import MultiCropTransform
 from dino.data.sampler import GlobalBatchSampler
 from dino.data.tensor_aug import TensorMultiCrop, ViewSpec
 from dino.errors import DinoError
-from dino.models.backbones import build_backbone, is_convnet
+from dino.models.backbones import build_backbone, has_batchnorm
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropNet
 from dino.training.schedules import cosine_schedule, linear_warmup_then_constant
@@ -152,7 +152,7 @@ def build_networks(cfg: Config, load_init: bool = True) -> tuple[MultiCropNet, M
     teacher = net(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    if is_convnet(student.backbone):
+    if has_batchnorm(student.backbone):
         # NHWC: oneDNN's and cuDNN's fast convolution layout (benchmarks/step_parts.py)
         for net in (student, teacher):
             net.to(memory_format=torch.channels_last)
@@ -214,7 +214,7 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     groups = param_groups(model)
     kind = cfg.optim.optimizer
     if kind == "auto":
-        vit_like = cfg.model.arch.startswith("vit_") or not is_convnet(model)
+        vit_like = cfg.model.arch.startswith("vit_") or not has_batchnorm(model)
         kind = "adamw" if vit_like else "sgd"
     if kind == "adamw":
         # The fused kernel updates each parameter in one pass; on CPUs it is 2-3x faster than
