@@ -54,81 +54,88 @@ def test_split_nproc_removes_only_the_launcher_flag() -> None:
 def _collectives_worker(rank: int, init: str, world: int) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)  # the same "global batch" on every rank
-        n_global, n_views, batch, k = 2, 4, 6, 5
-        per = batch // world
-        teacher = torch.randn(n_global, batch, k)
-        student = torch.randn(n_views, batch, k)
-        rows = slice(rank * per, (rank + 1) * per)
-
-        # DINO loss: the center follows the mean teacher output of the global batch
-        # (every rank computes the reference on the whole batch: its all-reduced center is the
-        # mean of identical means)
-        full = DINOLoss(k, n_global, 0.1, 0.9)
-        full_loss, _ = full.forward(student.flatten(0, 1), teacher.flatten(0, 1), 0.04)
-        local = DINOLoss(k, n_global, 0.1, 0.9)
-        loss, _ = local.forward(
-            student[:, rows].flatten(0, 1), teacher[:, rows].flatten(0, 1), 0.04
-        )
-        local.apply_center_update()
-        expected_center = 0.1 * teacher.flatten(0, 1).mean(0, keepdim=True)
-        torch.testing.assert_close(local.center, expected_center, atol=1e-6, rtol=0)
-        full.apply_center_update()
-        torch.testing.assert_close(local.center, full.center, atol=1e-6, rtol=0)
-        torch.testing.assert_close(all_mean(loss.detach()), full_loss.detach(), atol=1e-6, rtol=0)
-
-        # synchronized BatchNorm on CPU: as one BatchNorm on the concatenated batch
-        for bn, shape in ((nn.BatchNorm1d(3), (batch, 3)), (nn.BatchNorm2d(3), (batch, 3, 2, 2))):
-            torch.manual_seed(1)
-            x = torch.randn(shape) * 3 + 1
-            up = torch.randn(shape)
-            with torch.no_grad():
-                bn.weight.uniform_(0.5, 2)
-                bn.bias.uniform_(-1, 1)
-            ref = type(bn)(3)
-            ref.load_state_dict(bn.state_dict())
-            xr = x.clone().requires_grad_(True)
-            yr = ref(xr)
-            (yr * up).sum().backward()
-            synced = sync_batchnorm(bn, torch.device("cpu"))
-            xs = x[rows].clone().requires_grad_(True)
-            y = synced(xs)
-            (y * up[rows]).sum().backward()
-            torch.testing.assert_close(y, yr[rows].detach(), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(xs.grad, xr.grad[rows], atol=1e-5, rtol=1e-5)
-            for p, q in ((synced.weight, ref.weight), (synced.bias, ref.bias)):
-                g = p.grad.clone()
-                dist.all_reduce(g)  # DDP averages; the local sums add up to the full gradient
-                torch.testing.assert_close(g, q.grad, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(synced.running_mean, ref.running_mean, atol=1e-6, rtol=0)
-            torch.testing.assert_close(synced.running_var, ref.running_var, atol=1e-5, rtol=0)
-
-        # ... and inside DDP (which refuses torch's SyncBatchNorm on CPU)
-        torch.manual_seed(2)
-        ref_net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-        net = copy.deepcopy(ref_net)
-        x, up = torch.randn(batch, 3), torch.randn(batch, 4)
-        (ref_net(x) * up).sum(1).mean().backward()
-        ddp = nn.parallel.DistributedDataParallel(sync_batchnorm(net, torch.device("cpu")))
-        (ddp(x[rows]) * up[rows]).sum(1).mean().backward()
-        for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
-
-        # features gathered on rank 0 in dataset order; agreement helpers
-        n = 7
-        data = torch.arange(n * 2, dtype=torch.float32).view(n, 2)
-        out = gather_strided(data[rank::world], n)
-        if rank == 0:
-            assert torch.equal(out, data)
-        else:
-            assert out is None
-        assert max_over_ranks(rank * 15, torch.device("cpu")) == 15 * (world - 1)
-        net = nn.Linear(2, 2)
-        torch.manual_seed(0)
-        nn.init.normal_(net.weight)
-        assert replica_spread(net) == 0.0
+        _check_collectives(rank, world)
     finally:
         dist.destroy_process_group()
+    # All checks passed. Leave without the interpreter's exit: there, after the last line of
+    # Python, torch's C++ teardown aborted a worker in about one run of 7 to 30 under pytest
+    # ("terminate called without an active exception"; faulthandler: no Python frame), which
+    # says nothing about the collectives checked here. A failed check raises before this line.
+    os._exit(0)
+
+
+def _check_collectives(rank: int, world: int) -> None:
+    torch.manual_seed(0)  # the same "global batch" on every rank
+    n_global, n_views, batch, k = 2, 4, 6, 5
+    per = batch // world
+    teacher = torch.randn(n_global, batch, k)
+    student = torch.randn(n_views, batch, k)
+    rows = slice(rank * per, (rank + 1) * per)
+
+    # DINO loss: the center follows the mean teacher output of the global batch
+    # (every rank computes the reference on the whole batch: its all-reduced center is the
+    # mean of identical means)
+    full = DINOLoss(k, n_global, 0.1, 0.9)
+    full_loss, _ = full.forward(student.flatten(0, 1), teacher.flatten(0, 1), 0.04)
+    local = DINOLoss(k, n_global, 0.1, 0.9)
+    loss, _ = local.forward(student[:, rows].flatten(0, 1), teacher[:, rows].flatten(0, 1), 0.04)
+    local.apply_center_update()
+    expected_center = 0.1 * teacher.flatten(0, 1).mean(0, keepdim=True)
+    torch.testing.assert_close(local.center, expected_center, atol=1e-6, rtol=0)
+    full.apply_center_update()
+    torch.testing.assert_close(local.center, full.center, atol=1e-6, rtol=0)
+    torch.testing.assert_close(all_mean(loss.detach()), full_loss.detach(), atol=1e-6, rtol=0)
+
+    # synchronized BatchNorm on CPU: as one BatchNorm on the concatenated batch
+    for bn, shape in ((nn.BatchNorm1d(3), (batch, 3)), (nn.BatchNorm2d(3), (batch, 3, 2, 2))):
+        torch.manual_seed(1)
+        x = torch.randn(shape) * 3 + 1
+        up = torch.randn(shape)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+        ref = type(bn)(3)
+        ref.load_state_dict(bn.state_dict())
+        xr = x.clone().requires_grad_(True)
+        yr = ref(xr)
+        (yr * up).sum().backward()
+        synced = sync_batchnorm(bn, torch.device("cpu"))
+        xs = x[rows].clone().requires_grad_(True)
+        y = synced(xs)
+        (y * up[rows]).sum().backward()
+        torch.testing.assert_close(y, yr[rows].detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xs.grad, xr.grad[rows], atol=1e-5, rtol=1e-5)
+        for p, q in ((synced.weight, ref.weight), (synced.bias, ref.bias)):
+            g = p.grad.clone()
+            dist.all_reduce(g)  # DDP averages; the local sums add up to the full gradient
+            torch.testing.assert_close(g, q.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(synced.running_mean, ref.running_mean, atol=1e-6, rtol=0)
+        torch.testing.assert_close(synced.running_var, ref.running_var, atol=1e-5, rtol=0)
+
+    # ... and inside DDP (which refuses torch's SyncBatchNorm on CPU)
+    torch.manual_seed(2)
+    ref_net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    net = copy.deepcopy(ref_net)
+    x, up = torch.randn(batch, 3), torch.randn(batch, 4)
+    (ref_net(x) * up).sum(1).mean().backward()
+    ddp = nn.parallel.DistributedDataParallel(sync_batchnorm(net, torch.device("cpu")))
+    (ddp(x[rows]) * up[rows]).sum(1).mean().backward()
+    for p, q in zip(net.parameters(), ref_net.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+
+    # features gathered on rank 0 in dataset order; agreement helpers
+    n = 7
+    data = torch.arange(n * 2, dtype=torch.float32).view(n, 2)
+    out = gather_strided(data[rank::world], n)
+    if rank == 0:
+        assert torch.equal(out, data)
+    else:
+        assert out is None
+    assert max_over_ranks(rank * 15, torch.device("cpu")) == 15 * (world - 1)
+    net = nn.Linear(2, 2)
+    torch.manual_seed(0)
+    nn.init.normal_(net.weight)
+    assert replica_spread(net) == 0.0
 
 
 def test_collectives_on_two_processes(tmp_path) -> None:
