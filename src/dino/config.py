@@ -9,6 +9,9 @@ built-in CPU run. Every leaf field has a unique name, which is also its command-
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,68 @@ from dino.errors import DinoError
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-def _f(default: Any, help: str) -> Any:
+@dataclass(frozen=True)
+class Interval:
+    """The valid values of a number, written as in mathematics: ``"[0, 1]"``, ``"(0, inf)"``."""
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*", text)
+        if m is None:
+            raise ValueError(f"not an interval: {text!r}")
+        return cls(float(m[2]), float(m[3]), m[1] == "(", m[4] == ")")
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        below = x < self.hi if self.hi_open else x <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else str(v)
+
+        if math.isinf(self.hi):
+            return f"greater than {num(self.lo)}" if self.lo_open else f"at least {num(self.lo)}"
+        return (
+            f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}"
+            f"{')' if self.hi_open else ']'}"
+        )
+
+
+def _f(
+    default: Any,
+    help: str,
+    *,
+    range: str | None = None,
+    length: int | tuple[int, float] | None = None,
+    increasing: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A config field: its default, its help text (also the flag's) and its valid values, all
+    checked by :func:`validate`.
+
+    ``range``: the interval of a number, or of each number of a list (``"[0, 1]"``,
+    ``"(0, inf)"``); ``length``: the number of values of a list, or its ``(min, max)``;
+    ``increasing``: a list's values must not decrease (a min-max pair); ``choices``: a string's
+    allowed values (``"cuda:N"`` stands for any ``cuda:<number>``).
+    """
+    meta: dict[str, Any] = {"help": help}
+    if range is not None:
+        meta["range"] = Interval.parse(range)
+    if length is not None:
+        meta["length"] = (length, length) if isinstance(length, int) else length
+    if increasing:
+        meta["increasing"] = True
+    if choices is not None:
+        meta["choices"] = choices
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -39,16 +100,24 @@ class ModelConfig:
         16,
         "ViT patch size in pixels. Smaller patches give better features at a quadratic cost in "
         "tokens; crop sizes must be multiples of it.",
+        range="[1, inf)",
     )
-    depth: int = _f(12, "number of transformer blocks of our ViTs (12 in the paper).")
-    drop_path_rate: float = _f(0.1, "stochastic depth rate of the student (the teacher uses none).")
+    depth: int = _f(
+        12, "number of transformer blocks of our ViTs (12 in the paper).", range="[1, inf)"
+    )
+    drop_path_rate: float = _f(
+        0.1, "stochastic depth rate of the student (the teacher uses none).", range="[0, 1)"
+    )
     out_dim: int = _f(
         65536,
         "K, the number of prototypes of the DINO head. 65536 for ImageNet; small datasets need "
         "far fewer. Increase it if the teacher entropy saturates near log K.",
+        range="[2, inf)",
     )
-    head_hidden_dim: int = _f(2048, "width of the head's hidden layers.")
-    head_bottleneck_dim: int = _f(256, "size of the L2-normalized bottleneck of the head.")
+    head_hidden_dim: int = _f(2048, "width of the head's hidden layers.", range="[1, inf)")
+    head_bottleneck_dim: int = _f(
+        256, "size of the L2-normalized bottleneck of the head.", range="[1, inf)"
+    )
     norm_last_layer: bool = _f(
         True,
         "freeze the weight norm of the head's last layer. False learns faster (ViT-S) but can be "
@@ -72,126 +141,198 @@ class DataConfig:
         "a folder of images (nested class folders or flat; labels are not needed) or the "
         "built-in dataset 'fashion-mnist'.",
     )
-    global_size: int = _f(224, "side of the 2 global crops (the teacher sees only these).")
-    local_size: int = _f(96, "side of the local crops.")
+    global_size: int = _f(
+        224, "side of the 2 global crops (the teacher sees only these).", range="[1, inf)"
+    )
+    local_size: int = _f(96, "side of the local crops.", range="[1, inf)")
     local_crops: int = _f(
-        8, "number of local crops per image; 0 disables multi-crop (then widen global_scale)."
+        8,
+        "number of local crops per image; 0 disables multi-crop (then widen global_scale).",
+        range="[0, inf)",
     )
     global_scale: list[float] = _f(
-        [0.4, 1.0], "RandomResizedCrop area range of the global crops (min max)."
+        [0.4, 1.0],
+        "RandomResizedCrop area range of the global crops (min max).",
+        range="(0, 1]",
+        length=2,
+        increasing=True,
     )
     local_scale: list[float] = _f(
-        [0.05, 0.4], "RandomResizedCrop area range of the local crops (min max)."
+        [0.05, 0.4],
+        "RandomResizedCrop area range of the local crops (min max).",
+        range="(0, 1]",
+        length=2,
+        increasing=True,
     )
-    brightness: float = _f(0.4, "color jitter brightness strength.")
-    contrast: float = _f(0.4, "color jitter contrast strength.")
-    saturation: float = _f(0.2, "color jitter saturation strength.")
-    hue: float = _f(0.1, "color jitter hue strength.")
-    color_jitter_p: float = _f(0.8, "probability of applying the color jitter.")
-    grayscale_p: float = _f(0.2, "probability of converting a view to grayscale.")
+    brightness: float = _f(0.4, "color jitter brightness strength.", range="[0, inf)")
+    contrast: float = _f(0.4, "color jitter contrast strength.", range="[0, inf)")
+    saturation: float = _f(0.2, "color jitter saturation strength.", range="[0, inf)")
+    hue: float = _f(0.1, "color jitter hue strength.", range="[0, 0.5]")
+    color_jitter_p: float = _f(0.8, "probability of applying the color jitter.", range="[0, 1]")
+    grayscale_p: float = _f(0.2, "probability of converting a view to grayscale.", range="[0, 1]")
     blur_sigma: list[float] = _f(
-        [0.1, 2.0], "Gaussian blur sigma range in pixels (min max); scale it with the image size."
+        [0.1, 2.0],
+        "Gaussian blur sigma range in pixels (min max); scale it with the image size.",
+        range="(0, inf)",
+        length=2,
+        increasing=True,
     )
     blur_p: list[float] = _f(
-        [1.0, 0.1, 0.5], "blur probability of global view 1, global view 2 and local views."
+        [1.0, 0.1, 0.5],
+        "blur probability of global view 1, global view 2 and local views.",
+        range="[0, 1]",
+        length=3,
     )
     solarize_p: list[float] = _f(
-        [0.0, 0.2, 0.0], "solarization probability of global view 1, global view 2, local views."
+        [0.0, 0.2, 0.0],
+        "solarization probability of global view 1, global view 2, local views.",
+        range="[0, 1]",
+        length=3,
     )
-    mean: list[float] = _f([0.485, 0.456, 0.406], "normalization mean (RGB).")
-    std: list[float] = _f([0.229, 0.224, 0.225], "normalization std (RGB).")
-    eval_resize: int = _f(256, "evaluation transform: resize the shorter side to this (bicubic).")
-    eval_crop: int = _f(224, "evaluation transform: then center-crop to this.")
+    mean: list[float] = _f(
+        [0.485, 0.456, 0.406], "normalization mean (RGB).", range="[0, 1]", length=3
+    )
+    std: list[float] = _f(
+        [0.229, 0.224, 0.225], "normalization std (RGB).", range="(0, inf)", length=3
+    )
+    eval_resize: int = _f(
+        256, "evaluation transform: resize the shorter side to this (bicubic).", range="[1, inf)"
+    )
+    eval_crop: int = _f(224, "evaluation transform: then center-crop to this.", range="[1, inf)")
     augment: str = _f(
         "auto",
         "augmentation path: 'tensor' (batched on the training device, needs an in-memory "
         "dataset), 'pil' (per image in DataLoader workers) or 'auto' (tensor when possible).",
+        choices=("auto", "pil", "tensor"),
     )
-    num_workers: int = _f(-1, "DataLoader workers per process; -1 picks from the core count.")
+    num_workers: int = _f(
+        -1, "DataLoader workers per process; -1 picks from the core count.", range="[-1, inf)"
+    )
     subset: int = _f(
         0,
         "use only the first N images of the training data and of each k-NN split (0: all); "
         "for quick trials.",
+        range="[0, inf)",
     )
     max_bad_fraction: float = _f(
         0.01,
         "stop the run when more than this fraction of the images cannot be decoded (each one is "
         "replaced by another image and listed in bad_files.txt). Check a folder first with "
         "`dino check-data`; raise it to train on a known-dirty folder.",
+        range="[0, 1]",
     )
 
 
 @dataclass
 class LossConfig:
-    student_temp: float = _f(0.1, "student softmax temperature tau_s.")
+    student_temp: float = _f(0.1, "student softmax temperature tau_s.", range="(0, inf)")
     teacher_temp: float = _f(
         0.04,
         "final teacher temperature tau_t (0.04-0.07). Lower sharpens more; try lowering it if "
         "the teacher entropy drifts up toward log K (uniform collapse).",
+        range="(0, inf)",
     )
     warmup_teacher_temp: float = _f(
-        0.04, "initial teacher temperature; lower it if the loss does not decrease at first."
+        0.04,
+        "initial teacher temperature; lower it if the loss does not decrease at first.",
+        range="(0, inf)",
     )
     warmup_teacher_temp_epochs: float = _f(
-        0, "epochs of the linear teacher-temperature warm-up (30 in the improved recipe)."
+        0,
+        "epochs of the linear teacher-temperature warm-up (30 in the improved recipe).",
+        range="[0, inf)",
     )
-    center_momentum: float = _f(0.9, "EMA momentum of the teacher center.")
+    center_momentum: float = _f(0.9, "EMA momentum of the teacher center.", range="[0, 1]")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = _f(100, "number of training epochs.")
-    batch_size: int = _f(64, "images per process per step (the global batch is this x processes).")
+    epochs: int = _f(100, "number of training epochs.", range="[1, inf)")
+    batch_size: int = _f(
+        64, "images per process per step (the global batch is this x processes).", range="[1, inf)"
+    )
     lr: float = _f(
         0.0005,
         "peak learning rate for a global batch of 256; it is scaled linearly with the global "
         "batch. Lower it if the loss is unstable.",
+        range="(0, inf)",
     )
-    min_lr: float = _f(1e-6, "final learning rate of the cosine decay.")
-    warmup_epochs: float = _f(10, "epochs of linear learning-rate warm-up from 0.")
-    weight_decay: float = _f(0.04, "initial weight decay (biases and norms get none).")
-    weight_decay_end: float = _f(0.4, "final weight decay of the cosine schedule.")
+    min_lr: float = _f(1e-6, "final learning rate of the cosine decay.", range="[0, inf)")
+    warmup_epochs: float = _f(
+        10, "epochs of linear learning-rate warm-up from 0.", range="[0, inf)"
+    )
+    weight_decay: float = _f(
+        0.04, "initial weight decay (biases and norms get none).", range="[0, inf)"
+    )
+    weight_decay_end: float = _f(
+        0.4, "final weight decay of the cosine schedule.", range="[0, inf)"
+    )
     momentum_teacher: float = _f(
         0.996,
         "initial EMA momentum of the teacher, cosine to 1. Use 0.9995 with small batches (256).",
+        range="[0, 1]",
     )
-    clip_grad: float = _f(3.0, "maximum gradient norm of each parameter; 0 disables clipping.")
+    clip_grad: float = _f(
+        3.0, "maximum gradient norm of each parameter; 0 disables clipping.", range="[0, inf)"
+    )
     freeze_last_layer: float = _f(
-        1, "epochs during which the head's last layer is not updated; raise it if training fails."
+        1,
+        "epochs during which the head's last layer is not updated; raise it if training fails.",
+        range="[0, inf)",
     )
     optimizer: str = _f(
         "auto",
         "adamw, sgd (momentum 0.9) or auto: AdamW for ViTs and other backbones without "
         "BatchNorm, SGD for BatchNorm convnets such as ResNets (the reference's choices). With "
         "sgd use a larger --lr (0.03 for ResNet-50) and a constant weight decay.",
+        choices=("auto", "adamw", "sgd"),
     )
 
 
 @dataclass
 class RunConfig:
     output_dir: str = _f("", "run folder; default runs/<timestamp>.")
-    seed: int = _f(0, "seed of all randomness (data order, augmentations, initialization).")
-    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (CUDA when available).")
+    seed: int = _f(
+        0,
+        "seed of all randomness (data order, augmentations, initialization).",
+        range="[0, 4294967295]",
+    )
+    device: str = _f(
+        "auto",
+        "cpu, cuda, cuda:N, or auto (CUDA when available).",
+        choices=("auto", "cpu", "cuda", "cuda:N"),
+    )
     precision: str = _f(
         "auto",
         "bf16, fp16, fp32 or auto (bf16 where supported, else fp16 with loss scaling on CUDA). "
         "Use fp32 for exact reproducibility or if the loss goes NaN.",
+        choices=("auto", "bf16", "fp16", "fp32"),
     )
     eval_every: int = _f(
-        1, "weighted k-NN every this many epochs when the data has labels (0: only at the end)."
+        1,
+        "weighted k-NN every this many epochs when the data has labels (0: only at the end).",
+        range="[0, inf)",
     )
-    knn_k: list[int] = _f([10, 20, 100, 200], "k values of the weighted k-NN evaluation.")
-    knn_temp: float = _f(0.07, "temperature of the weighted k-NN votes.")
-    log_every: int = _f(10, "iterations between two lines of metrics.jsonl.")
+    knn_k: list[int] = _f(
+        [10, 20, 100, 200],
+        "k values of the weighted k-NN evaluation.",
+        range="[1, inf)",
+        length=(1, math.inf),
+    )
+    knn_temp: float = _f(0.07, "temperature of the weighted k-NN votes.", range="(0, inf)")
+    log_every: int = _f(10, "iterations between two lines of metrics.jsonl.", range="[1, inf)")
     save_every: int = _f(
-        0, "iterations between two checkpoints (0: at the end of each epoch only)."
+        0,
+        "iterations between two checkpoints (0: at the end of each epoch only).",
+        range="[0, inf)",
     )
-    keep: int = _f(1, "number of past checkpoints kept besides the latest.")
+    keep: int = _f(1, "number of past checkpoints kept besides the latest.", range="[0, inf)")
     max_bad_steps: int = _f(
         20,
         "stop the run after this many consecutive steps with a non-finite loss or gradient "
         "(each is skipped; the last checkpoint is kept). Raise it for fp16 runs whose loss "
         "scale needs many steps to settle; lower it to fail fast.",
+        range="[1, inf)",
     )
     stop_on_collapse: bool = _f(
         False,
@@ -237,9 +378,15 @@ def leaf_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
     return out
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def _coerce(name: str, value: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
+    what = _TYPE_NAMES.get(typ, str(typ))
     try:
+        if value is None:
+            raise DinoError(f"config field {name!r} has no value; give it one or leave it out")
         if origin is list:
             (inner,) = typing.get_args(typ)
             if isinstance(value, str):
@@ -247,6 +394,8 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             if not isinstance(value, (list, tuple)):
                 value = [value]
             return [_coerce(name, v, inner) for v in value]
+        if isinstance(value, (list, tuple, dict)):
+            raise ValueError(value)
         if typ is bool:
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
@@ -254,12 +403,18 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
+            if value not in (0, 1):
+                raise ValueError(value)
             return bool(value)
+        if typ in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
         if typ is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return typ(value)
-    except (TypeError, ValueError):
-        raise DinoError(f"config field {name!r} expects {typ}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        if origin is list:
+            what = f"a list of {_TYPE_NAMES.get(typing.get_args(typ)[0], 'values')[2:]}s"
+        raise DinoError(f"config field {name!r} expects {what}, got {value!r}") from None
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
@@ -299,6 +454,29 @@ def load_yaml(name_or_path: str) -> dict[str, Any]:
     return data
 
 
+#: The preset of ``dino train`` with no --config: the built-in run on the built-in data, the
+#: reference recipe (``default``) on a folder.
+BUILTIN_PRESET = "fashion-mnist"
+
+
+def default_preset(data: str) -> str:
+    """The preset ``dino train`` uses when no --config is given, for ``--data data``."""
+    return BUILTIN_PRESET if data == "fashion-mnist" else "default"
+
+
+def run_folder(resume: str | Path) -> Path:
+    """The run folder that ``--resume`` names (the folder itself, or one of its checkpoints)."""
+    run_dir = Path(resume)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    if not (run_dir / "config.yaml").exists():
+        raise DinoError(
+            f"{resume} is not a run folder (no config.yaml); pass the folder that `dino train` "
+            "wrote"
+        )
+    return run_dir
+
+
 def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then a preset or YAML file (which may name a ``base`` preset), then overrides."""
     cfg = Config()
@@ -315,9 +493,61 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
     return cfg
 
 
+def valid_values(name: str) -> str:
+    """The valid values of config field ``name`` in words (for help texts), or ``""``."""
+    meta = leaf_fields()[name][1].metadata
+    parts = []
+    if "length" in meta:
+        lo, hi = meta["length"]
+        parts.append(f"{lo} values" if lo == hi else f"at least {lo} value{'s' * (lo != 1)}")
+    if "range" in meta:
+        parts.append(("each " if "length" in meta else "") + str(meta["range"]))
+    if meta.get("increasing"):
+        parts.append("min <= max")
+    if "choices" in meta:
+        parts.append("one of " + ", ".join(meta["choices"]))
+    return "; ".join(parts)
+
+
+def _check_field(name: str, value: Any, meta: Any) -> None:
+    """Raise a :class:`DinoError` naming ``name``, ``value`` and the valid values if ``value``
+    breaks the field's declared range, length or choices."""
+    what = name
+    values = value if isinstance(value, list) else [value]
+    if "length" in meta:
+        lo, hi = meta["length"]
+        if not lo <= len(value) <= hi:
+            need = f"{lo} values" if lo == hi else f"at least {lo} value{'s' * (lo != 1)}"
+            raise DinoError(f"{what} needs {need}, got {len(value)}: {value}")
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise DinoError(f"{what} must be a finite number, got {value}")
+    rng = meta.get("range")
+    if rng is not None and any(v not in rng for v in values):
+        each = " each" if isinstance(value, list) else ""
+        raise DinoError(f"{what} must{each} be {rng}, got {value}")
+    if meta.get("increasing") and any(a > b for a, b in itertools.pairwise(values)):
+        raise DinoError(f"{what} is a min max pair and needs min <= max, got {value}")
+    choices = meta.get("choices")
+    if choices is not None:
+        allowed = any(
+            value == c or (c.endswith(":N") and re.fullmatch(re.escape(c[:-1]) + r"\d+", value))
+            for c in choices
+        )
+        if not allowed:
+            raise DinoError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Reject impossible configurations with one clear sentence."""
-    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
+    """Reject impossible configurations with one clear sentence: first each field against its
+    declared valid values (``range``, ``length``, ``choices`` of :func:`_f`), then the fields
+    that depend on each other."""
+    for name, (section, f, _typ) in leaf_fields().items():
+        _check_field(name, getattr(getattr(cfg, section), name), f.metadata)
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    for name in ("arch", "data"):
+        if not str(getattr(m if name == "arch" else d, name)).strip():
+            raise DinoError(f"{name} (--{name}) is empty; name a backbone or a data folder")
     if m.arch.startswith("vit_") and m.arch.count("_") == 1:
         for name, size in (("global_size", d.global_size), ("local_size", d.local_size)):
             if size % m.patch_size:
@@ -325,32 +555,20 @@ def validate(cfg: Config) -> None:
                     f"{name}={size} is not divisible by patch_size={m.patch_size}; "
                     "choose crop sizes that are multiples of the patch size"
                 )
-    if o.batch_size < 1:
-        raise DinoError(f"batch_size must be at least 1, got {o.batch_size}")
-    if o.epochs < 1:
-        raise DinoError(f"epochs must be at least 1, got {o.epochs}")
-    if d.local_crops < 0:
-        raise DinoError(f"local_crops must be 0 or more, got {d.local_crops}")
-    for name in ("global_scale", "local_scale", "blur_sigma"):
-        lo_hi = getattr(d, name)
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-            raise DinoError(f"{name} must be two numbers 0 < min <= max, got {lo_hi}")
-    for name in ("blur_p", "solarize_p"):
-        if len(getattr(d, name)) != 3:
-            raise DinoError(f"{name} needs 3 probabilities (global 1, global 2, local)")
-    if r.precision not in ("auto", "bf16", "fp16", "fp32"):
-        raise DinoError(f"precision must be auto, bf16, fp16 or fp32, got {r.precision!r}")
-    if d.augment not in ("auto", "pil", "tensor"):
-        raise DinoError(f"augment must be auto, pil or tensor, got {d.augment!r}")
-    if m.out_dim < 2:
-        raise DinoError(f"out_dim must be at least 2, got {m.out_dim}")
-    if r.max_bad_steps < 1:
-        raise DinoError(f"max_bad_steps must be at least 1, got {r.max_bad_steps}")
-    if r.keep < 0 or r.save_every < 0:
-        raise DinoError("keep and save_every must be 0 or more")
-    if not 0 <= d.max_bad_fraction <= 1:
-        raise DinoError(f"max_bad_fraction must be between 0 and 1, got {d.max_bad_fraction}")
-    if o.optimizer not in ("auto", "adamw", "sgd"):
-        raise DinoError(f"optimizer must be auto, adamw or sgd, got {o.optimizer!r}")
+    if d.eval_crop > d.eval_resize:
+        raise DinoError(
+            f"eval_crop={d.eval_crop} is larger than eval_resize={d.eval_resize}; the center "
+            "crop must fit in the resized image: raise --eval-resize or lower --eval-crop"
+        )
+    for name, value in (
+        ("warmup_epochs", o.warmup_epochs),
+        ("warmup_teacher_temp_epochs", cfg.loss.warmup_teacher_temp_epochs),
+        ("freeze_last_layer", o.freeze_last_layer),
+    ):
+        if value > o.epochs:
+            raise DinoError(
+                f"{name}={value} is longer than the run (epochs={o.epochs}); "
+                f"lower --{name.replace('_', '-')} or raise --epochs"
+            )
     if m.init.startswith("timm:") and not m.init[5:]:
         raise DinoError("init timm: needs a model name, e.g. timm:vit_small_patch16_224")
