@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -190,10 +191,10 @@ class DataConfig:
         length=3,
     )
     mean: list[float] = _f(
-        [0.485, 0.456, 0.406], "normalization mean (RGB).", range="[0, 1]", length=3
+        list(IMAGENET_MEAN), "normalization mean (RGB).", range="[0, 1]", length=3
     )
     std: list[float] = _f(
-        [0.229, 0.224, 0.225], "normalization std (RGB).", range="(0, inf)", length=3
+        list(IMAGENET_STD), "normalization std (RGB).", range="(0, inf)", length=3
     )
     eval_resize: int = _f(
         256, "evaluation transform: resize the shorter side to this (bicubic).", range="[1, inf)"

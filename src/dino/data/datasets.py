@@ -96,6 +96,26 @@ def fashion_mnist(split: str = "train", root: str | Path | None = None) -> Tenso
     )
 
 
+def image_paths(items: list[str] | list[Path]) -> list[Path]:
+    """The image files that ``items`` name: files as given, folders searched recursively (sorted).
+
+    Raises:
+        DinoError: an item that does not exist, or no image file at all.
+    """
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DinoError(f"image {p} does not exist; pass image files or folders of images")
+    if not files:
+        raise DinoError(f"no image files in {' '.join(str(i) for i in items)}")
+    return files
+
+
 class BadImage(Exception):
     """A file that PIL cannot decode into an image."""
 
@@ -137,12 +157,22 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadImage(f"{path}: {exc or type(exc).__name__}") from None
 
 
+def data_hint(data: str) -> str:
+    """How to fix a ``--data`` that names no folder: the built-in dataset it resembles, if any."""
+    import difflib
+
+    close = difflib.get_close_matches(data.lower().replace("_", "-"), BUILTIN, n=1, cutoff=0.75)
+    if close:
+        return f"did you mean the built-in dataset --data {close[0]}?"
+    return f"pass --data with a folder of images or a built-in dataset ({', '.join(BUILTIN)})"
+
+
 def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     """All image files below ``root`` (sorted) with labels: the first-level folder is the class
     when every image sits in one, else the dataset is flat and labels are -1."""
     root = Path(root)
     if not root.exists():
-        raise DinoError(f"data folder {root} does not exist; pass --data with a folder of images")
+        raise DinoError(f"data folder {root} does not exist; {data_hint(str(root))}")
     if not root.is_dir():
         raise DinoError(f"--data {root} is not a folder; point it at a folder of images")
     files = sorted(

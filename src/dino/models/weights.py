@@ -112,12 +112,16 @@ def load_backbone(
     patch_size: int | None = None,
     checkpoint_key: str = "teacher",
     device: str | torch.device = "cpu",
+    like: str | Path | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """Load a frozen backbone in eval mode: ``[B, 3, H, W]`` normalized images -> ``[B, D]``.
 
     Args:
         weights: a run folder, a checkpoint or state-dict file (ours or the reference code's),
-            or a reference model name (:data:`REFERENCE_MODELS`, downloaded once).
+            a reference model name (:data:`REFERENCE_MODELS`, downloaded once), or ``random``:
+            the untrained network (architecture from ``arch``/``patch_size`` or from the run
+            ``like``), the baseline every comparison needs.
         arch: the architecture (``vit_small``, ``tv:resnet50``, a timm name ...); by default
             read from the run config or detected from the tensor shapes. When given for a ViT
             size, it is checked against the file.
@@ -126,6 +130,9 @@ def load_backbone(
         checkpoint_key: which network of a full checkpoint: ``teacher`` (the one DINO evaluates)
             or ``student``.
         device: where to put the model.
+        like: with ``weights="random"``: a run folder whose architecture (and input statistics
+            and crop sizes, for evaluation) the random network takes.
+        seed: with ``weights="random"``: the seed of the initialization.
 
     The returned module has ``embed_dim`` and ``weights_info`` (a :class:`WeightsInfo`). ViTs
     are timm ``VisionTransformer`` instances, so ``forward_intermediates`` and the blocks are
@@ -136,12 +143,20 @@ def load_backbone(
         DinoError: missing, unreadable or truncated file; no backbone in it; shapes that do not
             match the requested architecture.
     """
-    path, obj, run_config = _read(weights)
-    source = str(path)
-    state, key_used = _backbone_state(obj, source, checkpoint_key)
-    spec = _resolve_arch(state, source, arch, patch_size, run_config)
-    model = _build(spec, source)
-    _load_into(model, state, source, spec["arch"])
+    if str(weights) == RANDOM:
+        run_config = _read_like(like) if like else None
+        spec = _random_spec(arch, patch_size, run_config)
+        source, key_used = RANDOM, None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build(spec, source)
+    else:
+        path, obj, run_config = _read(weights)
+        source = str(path)
+        state, key_used = _backbone_state(obj, source, checkpoint_key)
+        spec = _resolve_arch(state, source, arch, patch_size, run_config)
+        model = _build(spec, source)
+        _load_into(model, state, source, spec["arch"])
     model.eval().requires_grad_(False)
     model.to(device)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -166,6 +181,48 @@ def load_backbone(
 
 
 # ------------------------------------------------------------------ reading files
+
+#: The ``weights`` value that asks for an untrained network.
+RANDOM = "random"
+
+
+def _read_like(like: str | Path) -> dict[str, Any]:
+    """The config of the run folder (or checkpoint) ``like``, for a random network shaped so."""
+    path = Path(like)
+    folder = path if path.is_dir() else path.parent
+    run_config = _read_run_yaml(folder / "config.yaml") if folder.is_dir() else None
+    if run_config is None:
+        raise DinoError(
+            f"--like {like}: not a `dino train` run folder (no readable config.yaml); pass the "
+            "folder that `dino train` wrote"
+        )
+    return run_config
+
+
+def _random_spec(
+    arch: str | None, patch_size: int | None, run_config: dict[str, Any] | None
+) -> dict[str, Any]:
+    """How to build the untrained network: the run ``like``'s model, then explicit flags."""
+    spec: dict[str, Any] = {}
+    if run_config is not None:
+        m = run_config.get("model", {})
+        spec = {
+            "arch": m.get("arch"),
+            "patch_size": m.get("patch_size"),
+            "depth": m.get("depth"),
+            "img_size": run_config.get("data", {}).get("global_size"),
+        }
+    if arch is not None:
+        spec["arch"] = arch
+    if patch_size is not None:
+        spec["patch_size"] = patch_size
+    if not spec.get("arch"):
+        raise DinoError(
+            "--weights random needs an architecture: pass --arch (and --patch-size for a ViT), "
+            "or --like RUN to take a run's"
+        )
+    return spec
+
 
 
 def _read(weights: str | Path) -> tuple[Path, Any, dict[str, Any] | None]:

@@ -215,6 +215,13 @@ def overview(
     return sheet
 
 
+def default_image_size(run_config: dict | None) -> int:
+    """The side attention maps are drawn at by default: the run's crop size when it trained on
+    crops under 224 (small-image runs), else 480 (photos, as the reference's visualizations)."""
+    crop = int(((run_config or {}).get("data") or {}).get("global_size") or 224)
+    return crop if crop < 224 else 480
+
+
 def save_attention_maps(
     model: nn.Module,
     image: str | Path | Image.Image,

@@ -328,12 +328,10 @@ def write_report(
     if images > 0:
         try:
             from dino.models.weights import load_backbone
+            from dino.viz.attention import default_image_size
 
             backbone = load_backbone(run, device=device)
-            size = image_size
-            if size is None:
-                crop = int(data_cfg.get("global_size") or 224)
-                size = crop if crop < 224 else 480
+            size = image_size if image_size is not None else default_image_size(cfg)
             picked = sample_images(str(data_cfg.get("data", "")), images)
             if not picked:
                 notes.append(f"no images found in {data_cfg.get('data')!r} for attention maps")

@@ -1,0 +1,61 @@
+"""The ``dino`` command line. ``dino <command> --help`` documents every flag.
+
+One module per group of commands; each has ``register(sub)``, which adds its subcommands and
+sets ``run`` (``args -> exit code``) on them. Errors a user can fix end in one line
+``dino: error: ...`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dino.cli import evaluate, export, train, visualize
+from dino.errors import DinoError
+
+#: The command modules, in the order ``dino --help`` lists their commands.
+COMMAND_MODULES = [train, evaluate, visualize, export]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dino",
+        description="DINO self-supervised pretraining of vision backbones, and their evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dino.training.distributed import env_world
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    rank, world = env_world()
+    try:
+        return args.run(args)
+    except DinoError as exc:
+        print(f"dino: error: {f'rank {rank}: ' if world > 1 else ''}{exc}", file=sys.stderr)
+        if world > 1:  # one process of a torchrun run: torchrun's report shows the message
+            from dino.training.distributed import record_failure
+
+            record_failure(exc)
+        return 2
+    except KeyboardInterrupt:
+        print("dino: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if world > 1:
+            from dino.training.distributed import worker_failed
+
+            worker_failed(exc)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
