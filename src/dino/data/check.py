@@ -130,12 +130,17 @@ def check_folder(
 ) -> CheckReport:
     """Decode every image file below ``root`` with ``workers`` processes (0: one per core).
 
-    ``progress(n)`` is called as files are done.
+    ``progress(n)`` is called as files are done. Raises :class:`DinoError` when ``root`` does
+    not exist or holds no image file (as training does).
     """
     files, ignored = list_files(root)
-    report = CheckReport(Path(root), ignored=ignored)
     if not files:
-        return report
+        others = f" (only {ignored} files without an image extension)" if ignored else ""
+        raise DinoError(
+            f"no image files found in {root}{others}; training would refuse it too: put images "
+            "(jpg, png, ...) in it or in subfolders"
+        )
+    report = CheckReport(Path(root), ignored=ignored)
     if workers <= 0:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     workers = max(1, min(workers, len(files) // 16 or 1))
