@@ -6,6 +6,13 @@ hue), grayscale, Gaussian blur, solarization, normalization, but applied to a wh
 Random parameters come from :mod:`dino.data.seeding`, one key per (seed, epoch, sample, view),
 so a sample's views are the same whatever the batch it lands in.
 
+Two halves: the geometric one (crop, resize) needs the original image; the photometric one
+(:class:`Photometric`: flip, color jitter, grayscale, blur, solarization, normalization) only
+the views of their final size. :class:`TensorMultiCrop` runs both on a batch of images held in
+memory; for folders, DataLoader workers make the crops of each image
+(:mod:`dino.data.file_crops`, from the same crop draws) and
+:meth:`TensorMultiCrop.from_crops` runs the photometric half on the training device.
+
 How the batch is processed (``benchmarks/input_pipeline.py`` measures it against the PIL path):
 
 * views of the same size are one batch of rows (``views x samples``);
@@ -38,12 +45,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dino.config import DataConfig
 from dino.data.multicrop import blur_kernel_size
 from dino.data.seeding import sample_keys, uniforms
 
 _ATTEMPTS = 10
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
-_N_DRAWS = 4 * _ATTEMPTS + 14
+#: Uniforms per view and sample: the crop box's, then the photometric ones.
+CROP_DRAWS = 4 * _ATTEMPTS
+_N_DRAWS = CROP_DRAWS + 14
 _GRAY = (0.299, 0.587, 0.114)
 #: Largest ``C * size * H * (W + size)`` (multiply-adds per row) resized by matrix products on
 #: CPUs; above it, one antialiased ``uint8`` resize call per row is faster.
@@ -61,6 +71,24 @@ class ViewSpec:
     scale: tuple[float, float]
     blur_p: float
     solarize_p: float
+
+
+def view_specs(cfg: DataConfig) -> list[ViewSpec]:
+    """The recipe's views of ``cfg``: two global views (their own blur and solarization
+    probabilities), then ``local_crops`` local views."""
+    glob = (cfg.global_size, tuple(cfg.global_scale))
+    return [
+        ViewSpec(*glob, cfg.blur_p[0], cfg.solarize_p[0]),
+        ViewSpec(*glob, cfg.blur_p[1], cfg.solarize_p[1]),
+    ] + [
+        ViewSpec(cfg.local_size, tuple(cfg.local_scale), cfg.blur_p[2], cfg.solarize_p[2])
+    ] * cfg.local_crops
+
+
+def view_uniforms(seed: int, epoch: int, indices: np.ndarray, n_views: int) -> list[np.ndarray]:
+    """Per view, the ``[B, 54]`` uniforms of each sample: :data:`CROP_DRAWS` for the crop box,
+    then 14 for the photometric operations (stream ``v`` for view ``v``)."""
+    return [uniforms(sample_keys(seed, epoch, indices, stream=v), _N_DRAWS) for v in range(n_views)]
 
 
 def crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, float]) -> np.ndarray:
@@ -298,6 +326,136 @@ def _runs(flags: np.ndarray, chunk: int) -> list[tuple[int, int]]:
     ]
 
 
+@dataclass
+class _Rows:
+    """The rows (views x samples, view-major) of one view size on their way through
+    :class:`Photometric`: their random parameters ``p``, the processing order ``perm`` (row
+    ``perm[k]`` is processed at position ``k``; ``pos`` is its inverse) and the working tensor
+    ``x`` (pixel units, rows in processing order)."""
+
+    p: dict[str, np.ndarray]
+    perm: np.ndarray
+    pos: np.ndarray
+    x: torch.Tensor
+
+
+class Photometric:
+    """The photometric half of the views, batched: flip, color jitter (random order of
+    brightness, contrast, saturation, hue), grayscale, Gaussian blur, solarization and
+    normalization of rows of equal size, from the 14 photometric uniforms of each row.
+
+    Rows are processed sorted by (jitter order, grayscale, solarization), so that each
+    operation runs on contiguous slices, and put back in order by the normalization.
+    """
+
+    def __init__(
+        self,
+        brightness: float,
+        contrast: float,
+        saturation: float,
+        hue: float,
+        color_jitter_p: float,
+        grayscale_p: float,
+        blur_sigma: tuple[float, float],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        self.jitter = (brightness, contrast, saturation, hue)
+        self.color_jitter_p = color_jitter_p
+        self.grayscale_p = grayscale_p
+        self.blur_sigma = blur_sigma
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.bufs = _Buffers()
+
+    def draws(self, d: np.ndarray, specs: list[ViewSpec], channels: int) -> dict[str, np.ndarray]:
+        """The random parameters of each row from its 14 uniforms ``d`` (torchvision's ranges)."""
+        b = len(d) // len(specs)
+        factors = []
+        for i, s in enumerate(self.jitter[:3]):  # brightness, contrast, saturation
+            lo = max(0.0, 1 - s)
+            factors.append(lo + (1 + s - lo) * d[:, 2 + i])
+        factors.append(self.jitter[3] * (2 * d[:, 5] - 1))  # hue
+        order = np.argsort(d[:, 6:10], axis=1)  # a uniform random permutation per row
+        ops = 4 if channels == 3 else 2  # saturation and hue are the identity on one channel
+        seq = order if ops == 4 else order[order < ops].reshape(-1, ops)
+        jitter = d[:, 1] < self.color_jitter_p
+        lo, hi = self.blur_sigma
+        return {
+            "flip": d[:, 0] < 0.5,
+            "factors": np.stack(factors, 1).astype(np.float32),
+            "seq": seq,
+            "key": np.where(jitter, seq @ ops ** np.arange(ops)[::-1], -1),
+            "gray": (d[:, 10] < self.grayscale_p) & (channels == 3),
+            "blur": d[:, 11] < np.repeat([s.blur_p for s in specs], b),
+            "sigma": lo + (hi - lo) * d[:, 12],
+            "solar": d[:, 13] < np.repeat([s.solarize_p for s in specs], b),
+        }
+
+    def rows(
+        self, d: np.ndarray, specs: list[ViewSpec], channels: int, device: torch.device
+    ) -> _Rows:
+        """The parameters, processing order and (uninitialized) working tensor of the rows
+        whose photometric uniforms are ``d`` (view-major)."""
+        p = self.draws(d, specs, channels)
+        n, size = len(d), specs[0].size
+        perm = np.lexsort((p["solar"], p["gray"], p["key"]))
+        pos = np.empty(n, np.int64)
+        pos[perm] = np.arange(n)
+        x = self.bufs.get("work", (n, channels, size, size), device)
+        return _Rows(p, perm, pos, x)
+
+    def __call__(self, rows: _Rows) -> torch.Tensor:
+        """Color jitter, grayscale, blur, solarization and normalization of ``rows.x`` (already
+        cropped, resized and flipped): ``[n, 3, size, size]`` normalized, in row order."""
+        p, perm, pos, x = rows.p, rows.perm, rows.pos, rows.x
+        n, c, size, dev = x.shape[0], x.shape[1], x.shape[-1], x.device
+        chunk = _chunk_rows(x, n)
+        key = p["key"][perm]
+        runs = []  # (start, stop, operations) of the rows with the same jitter order
+        for a, z in _runs(key >= 0, n):
+            starts = np.flatnonzero(np.diff(key[a:z], prepend=-2)).tolist()
+            for s, t in zip(starts, starts[1:] + [z - a], strict=True):
+                ops = p["seq"][perm[a + s]].tolist()
+                runs += [(i, min(i + chunk, a + t), ops) for i in range(a + s, a + t, chunk)]
+        longest = max((z - a for a, z, _ in runs), default=min(chunk, n))
+        scratch = [self.bufs.get(f"scratch{i}", (longest, size, size), dev) for i in range(6)]
+        fac = torch.from_numpy(p["factors"][perm]).to(dev)
+        for a, z, ops in runs:
+            xs, f, tmp = x[a:z], fac[a:z], [s[: z - a] for s in scratch]
+            for op in ops:
+                fo = f[:, op].view(-1, 1, 1, 1)
+                if op == 0:
+                    _brightness_(xs, fo)
+                elif op == 1:
+                    _contrast_(xs, fo)
+                elif op == 2:
+                    _saturation_(xs, fo, tmp[0])
+                else:
+                    _adjust_hue_(xs, f[:, 3], tmp)
+        for a, z in _runs(p["gray"][perm], longest):
+            g = _gray_into(x[a:z], scratch[0][: z - a])
+            x[a:z].copy_(g.unsqueeze(1).expand(-1, 3, -1, -1))
+        lo, hi = self.blur_sigma
+        radius = (blur_kernel_size(hi, size) - 1) // 2
+        blur_rows = np.flatnonzero(p["blur"][perm])
+        if radius > 0 and len(blur_rows):
+            sigma = p["sigma"][perm][blur_rows]
+            kernels = torch.from_numpy(_blur_kernels(sigma, radius)).to(dev)
+            _blur_(x, blur_rows, kernels, radius, self.bufs)
+        for a, z in _runs(p["solar"][perm], n):
+            xs = x[a:z]
+            torch.where(xs >= 128, _BOUND - xs, xs, out=xs)
+        # normalization of pixel units, which puts the rows back in order
+        scale = (1 / (_BOUND * self.std)).to(dev)
+        bias = (-self.mean / self.std).to(dev)
+        out = torch.empty(n, 3, size, size, device=dev)
+        index = torch.from_numpy(pos).to(dev)
+        if c == 3:
+            return torch.index_select(x, 0, index, out=out).mul_(scale).add_(bias)
+        return torch.addcmul(bias, x.index_select(0, index), scale, out=out)
+
+
 class TensorMultiCrop:
     """Batched multi-crop: ``uint8 [B, C, H, W]`` images (C = 1 or 3) -> list of normalized views.
 
@@ -326,53 +484,67 @@ class TensorMultiCrop:
         std: tuple[float, float, float],
     ) -> None:
         self.views = views
-        self.jitter = (brightness, contrast, saturation, hue)
-        self.color_jitter_p = color_jitter_p
-        self.grayscale_p = grayscale_p
-        self.blur_sigma = blur_sigma
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-        self._bufs = _Buffers()
+        self.photometric = Photometric(
+            brightness, contrast, saturation, hue, color_jitter_p, grayscale_p, blur_sigma,
+            mean, std,
+        )  # fmt: skip
+        self._bufs = self.photometric.bufs
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> TensorMultiCrop:
+        """The recipe's views and photometric parameters of ``cfg``."""
+        return cls(
+            view_specs(cfg), cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue,
+            cfg.color_jitter_p, cfg.grayscale_p, tuple(cfg.blur_sigma), tuple(cfg.mean),
+            tuple(cfg.std),
+        )  # fmt: skip
+
+    def size_groups(self) -> list[list[int]]:
+        """The views of each size (in order of first appearance): one batch of rows each."""
+        sizes = dict.fromkeys(spec.size for spec in self.views)
+        return [[v for v, spec in enumerate(self.views) if spec.size == s] for s in sizes]
 
     def __call__(
         self, images: torch.Tensor, indices: np.ndarray, epoch: int, seed: int
     ) -> list[torch.Tensor]:
         b = images.shape[0]
-        u = [
-            uniforms(sample_keys(seed, epoch, indices, stream=v), _N_DRAWS)
-            for v in range(len(self.views))
-        ]
+        u = view_uniforms(seed, epoch, indices, len(self.views))
         views: dict[int, torch.Tensor] = {}
         source: dict[str, torch.Tensor] = {}
-        for size in dict.fromkeys(spec.size for spec in self.views):
-            group = [v for v, spec in enumerate(self.views) if spec.size == size]
+        for group in self.size_groups():
             x = self._views(images, [self.views[v] for v in group], [u[v] for v in group], source)
             views.update((v, x[j * b : (j + 1) * b]) for j, v in enumerate(group))
         return [views[v] for v in range(len(self.views))]
 
-    def _draws(self, d: np.ndarray, specs: list[ViewSpec], channels: int) -> dict[str, np.ndarray]:
-        """The random parameters of each row from its 14 uniforms ``d`` (torchvision's ranges)."""
-        b = len(d) // len(specs)
-        factors = []
-        for i, s in enumerate(self.jitter[:3]):  # brightness, contrast, saturation
-            lo = max(0.0, 1 - s)
-            factors.append(lo + (1 + s - lo) * d[:, 2 + i])
-        factors.append(self.jitter[3] * (2 * d[:, 5] - 1))  # hue
-        order = np.argsort(d[:, 6:10], axis=1)  # a uniform random permutation per row
-        ops = 4 if channels == 3 else 2  # saturation and hue are the identity on one channel
-        seq = order if ops == 4 else order[order < ops].reshape(-1, ops)
-        jitter = d[:, 1] < self.color_jitter_p
-        lo, hi = self.blur_sigma
-        return {
-            "flip": d[:, 0] < 0.5,
-            "factors": np.stack(factors, 1).astype(np.float32),
-            "seq": seq,
-            "key": np.where(jitter, seq @ ops ** np.arange(ops)[::-1], -1),
-            "gray": (d[:, 10] < self.grayscale_p) & (channels == 3),
-            "blur": d[:, 11] < np.repeat([s.blur_p for s in specs], b),
-            "sigma": lo + (hi - lo) * d[:, 12],
-            "solar": d[:, 13] < np.repeat([s.solarize_p for s in specs], b),
-        }
+    def from_crops(
+        self, crops: list[torch.Tensor], indices: np.ndarray, epoch: int, seed: int
+    ) -> list[torch.Tensor]:
+        """The photometric half only, on crops made elsewhere (per image, in DataLoader
+        workers: :class:`dino.data.file_crops.FileCrops`, from the same draws as
+        :meth:`__call__`).
+
+        ``crops[g]``: ``uint8 [B, len(group), C, size, size]`` (sample-major, unflipped), the
+        views of size group ``g`` of :meth:`size_groups`, on the training device. Returns the
+        list of normalized views, as :meth:`__call__` does.
+        """
+        b = len(indices)
+        u = view_uniforms(seed, epoch, indices, len(self.views))
+        views: dict[int, torch.Tensor] = {}
+        for group, g in zip(self.size_groups(), crops, strict=True):
+            specs = [self.views[v] for v in group]
+            _, m, c, size, _ = g.shape
+            d = np.concatenate([u[v][:, CROP_DRAWS:] for v in group])
+            rows = self.photometric.rows(d, specs, c, g.device)
+            # row r = j * b + i (view-major) is crop [i, j] (sample-major)
+            r = rows.perm
+            source = torch.from_numpy((r % b) * m + r // b).to(g.device)
+            placed = g.reshape(b * m, c, size, size).index_select(0, source)
+            flipped = torch.from_numpy(np.flatnonzero(rows.p["flip"][r])).to(g.device)
+            placed[flipped] = placed[flipped].flip(-1)
+            rows.x.copy_(placed)
+            x = self.photometric(rows)
+            views.update((v, x[j * b : (j + 1) * b]) for j, v in enumerate(group))
+        return [views[v] for v in range(len(self.views))]
 
     def _views(
         self,
@@ -381,70 +553,18 @@ class TensorMultiCrop:
         u: list[np.ndarray],
         source: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """The views of the same size, view-major: ``[len(specs) * B, 3, size, size]``.
-
-        Rows are processed sorted by (jitter order, grayscale, solarization), so that each
-        operation runs on contiguous slices, and put back in order by the normalization.
-        """
-        b, c, height, width = images.shape
-        size, dev = specs[0].size, images.device
+        """The views of the same size, view-major: ``[len(specs) * B, 3, size, size]``."""
+        _, c, height, width = images.shape
         boxes = np.concatenate(
             [
-                crop_boxes(v[:, : 4 * _ATTEMPTS], height, width, s.scale)
+                crop_boxes(v[:, :CROP_DRAWS], height, width, s.scale)
                 for v, s in zip(u, specs, strict=True)
             ]
         )
-        p = self._draws(np.concatenate([v[:, 4 * _ATTEMPTS :] for v in u]), specs, c)
-        n = len(boxes)
-        perm = np.lexsort((p["solar"], p["gray"], p["key"]))
-        pos = np.empty(n, np.int64)
-        pos[perm] = np.arange(n)
-        x = self._bufs.get("work", (n, c, size, size), dev)
-        self._resize(images, boxes, p["flip"], pos, x, source)
-
-        chunk = _chunk_rows(x, n)
-        key = p["key"][perm]
-        runs = []  # (start, stop, operations) of the rows with the same jitter order
-        for a, z in _runs(key >= 0, n):
-            starts = np.flatnonzero(np.diff(key[a:z], prepend=-2)).tolist()
-            for s, t in zip(starts, starts[1:] + [z - a], strict=True):
-                ops = p["seq"][perm[a + s]].tolist()
-                runs += [(i, min(i + chunk, a + t), ops) for i in range(a + s, a + t, chunk)]
-        longest = max((z - a for a, z, _ in runs), default=min(chunk, n))
-        scratch = [self._bufs.get(f"scratch{i}", (longest, size, size), dev) for i in range(6)]
-        fac = torch.from_numpy(p["factors"][perm]).to(dev)
-        for a, z, ops in runs:
-            xs, f, tmp = x[a:z], fac[a:z], [s[: z - a] for s in scratch]
-            for op in ops:
-                fo = f[:, op].view(-1, 1, 1, 1)
-                if op == 0:
-                    _brightness_(xs, fo)
-                elif op == 1:
-                    _contrast_(xs, fo)
-                elif op == 2:
-                    _saturation_(xs, fo, tmp[0])
-                else:
-                    _adjust_hue_(xs, f[:, 3], tmp)
-        for a, z in _runs(p["gray"][perm], longest):
-            g = _gray_into(x[a:z], scratch[0][: z - a])
-            x[a:z].copy_(g.unsqueeze(1).expand(-1, 3, -1, -1))
-        lo, hi = self.blur_sigma
-        radius = (blur_kernel_size(hi, size) - 1) // 2
-        rows = np.flatnonzero(p["blur"][perm])
-        if radius > 0 and len(rows):
-            kernels = torch.from_numpy(_blur_kernels(p["sigma"][perm][rows], radius)).to(dev)
-            _blur_(x, rows, kernels, radius, self._bufs)
-        for a, z in _runs(p["solar"][perm], n):
-            xs = x[a:z]
-            torch.where(xs >= 128, _BOUND - xs, xs, out=xs)
-        # normalization of pixel units, which puts the rows back in order
-        scale = (1 / (_BOUND * self.std)).to(dev)
-        bias = (-self.mean / self.std).to(dev)
-        out = torch.empty(n, 3, size, size, device=dev)
-        index = torch.from_numpy(pos).to(dev)
-        if c == 3:
-            return torch.index_select(x, 0, index, out=out).mul_(scale).add_(bias)
-        return torch.addcmul(bias, x.index_select(0, index), scale, out=out)
+        d = np.concatenate([v[:, CROP_DRAWS:] for v in u])
+        rows = self.photometric.rows(d, specs, c, images.device)
+        self._resize(images, boxes, rows.p["flip"], rows.pos, rows.x, source)
+        return self.photometric(rows)
 
     def _resize(
         self,
