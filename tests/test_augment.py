@@ -1,4 +1,4 @@
-"""Multi-crop augmentation (RECIPE.md, "Multi-crop views"): the batched tensor path, its
+"""Multi-crop augmentation (docs/recipe.md, "Multi-crop views"): the batched tensor path, its
 RandomResizedCrop box sampling, the PIL path, and the counter-based randomness."""
 
 from __future__ import annotations

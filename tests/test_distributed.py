@@ -222,7 +222,6 @@ def test_failed_rank_stops_the_run_and_checkpoint_resumes(one_process_run, tmp_p
     finally:
         del os.environ["DINO_FAULT_INJECT"]
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert seconds < 60
     err = proc.stderr
     assert "process rank 1 failed" in err
     root = err[err.index("Root Cause") :]

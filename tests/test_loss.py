@@ -1,4 +1,4 @@
-"""DINOLoss against the definition of RECIPE.md ("Loss, centering and sharpening")."""
+"""DINOLoss against the definition of docs/recipe.md ("Loss, centering and sharpening")."""
 
 from __future__ import annotations
 

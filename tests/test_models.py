@@ -1,4 +1,4 @@
-"""Networks (RECIPE.md, "Networks"), optimizer parameter groups, teacher EMA and clipping."""
+"""Networks (docs/recipe.md, "Networks"), optimizer parameter groups, teacher EMA and clipping."""
 
 from __future__ import annotations
 
@@ -63,13 +63,18 @@ def test_head_with_batchnorm() -> None:
 
 def test_head_init_truncated_normal_002_and_zero_bias() -> None:
     head = DINOHead(256, out_dim=64, hidden_dim=256, bottleneck_dim=64)
-    w = head.mlp[2].weight  # 256 x 256
-    # trunc_normal(std 0.02) truncated at +-2 (absolute): the std stays ~0.02
-    assert w.std().item() == pytest.approx(0.02, rel=0.1)
-    assert w.abs().max().item() <= 2.0
-    for m in head.mlp:
-        if isinstance(m, nn.Linear):
-            assert torch.count_nonzero(m.bias) == 0
+    linears = [m for m in head.mlp if isinstance(m, nn.Linear)]
+    assert len(linears) == 3
+    for m in linears:  # 256x256, 256x256, 64x256
+        w = m.weight.detach()
+        # nn.Linear's own init is uniform with std 1 / sqrt(3 * 256) = 0.036: the std and the
+        # shape tell them apart (a normal holds 68.3 % of its mass within one std, a uniform
+        # of the same std 57.7 %)
+        assert w.std().item() == pytest.approx(0.02, rel=0.05)
+        assert w.mean().abs().item() < 0.001
+        within_one_std = (w.abs() <= 0.02).float().mean().item()
+        assert within_one_std == pytest.approx(0.683, abs=0.02)
+        assert torch.count_nonzero(m.bias) == 0
 
 
 @pytest.mark.parametrize("norm_last_layer", [True, False])

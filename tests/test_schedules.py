@@ -1,4 +1,4 @@
-"""Per-iteration schedules (RECIPE.md, "Optimization")."""
+"""Per-iteration schedules (docs/recipe.md, "Optimization")."""
 
 from __future__ import annotations
 

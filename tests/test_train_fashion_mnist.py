@@ -42,7 +42,7 @@ def test_training_raises_knn_above_random_init(tmp_path):
     assert after >= before + 2.5, (before, after)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     # The DINO loss is not monotone (it is the teacher entropy plus the KL, and the entropy
-    # rises after the first steps), so check the KL: a collapsed run has KL ~ 0 (RECIPE.md);
+    # rises after the first steps), so check the KL: a collapsed run has KL ~ 0 (docs/recipe.md);
     # this run ends near 0.3.
     kl = [r["kl"] for r in rows if "kl" in r]
     assert sum(kl[-5:]) / 5 > 0.1
