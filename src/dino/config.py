@@ -109,6 +109,13 @@ class ModelConfig:
     drop_path_rate: float = _f(
         0.1, "stochastic depth rate of the student (the teacher uses none).", range="[0, 1)"
     )
+    registers: int = _f(
+        0,
+        "register tokens of our ViTs (0: none; DINOv2's register models have 4): learned tokens "
+        "beside [CLS] that the blocks can use as scratch space instead of taking over patch "
+        "tokens. They are in no output: not the feature, the patch tokens or attention maps.",
+        range="[0, inf)",
+    )
     out_dim: int = _f(
         65536,
         "K, the number of prototypes of the DINO head. 65536 for ImageNet; small datasets need "
@@ -244,6 +251,42 @@ class LossConfig:
         range="[0, inf)",
     )
     center_momentum: float = _f(0.9, "EMA momentum of the teacher center.", range="[0, 1]")
+    centering: str = _f(
+        "ema",
+        "how the teacher's outputs become targets: ema (subtract the EMA center, the DINO paper) "
+        "or sinkhorn (3 Sinkhorn-Knopp iterations over the global batch, DINOv2's option, which "
+        "spreads the batch over all prototypes; --center-momentum is then unused).",
+        choices=("ema", "sinkhorn"),
+    )
+    koleo_weight: float = _f(
+        0.0,
+        "weight of the KoLeo regularizer (DINOv2: 0.1; 0: off): minus the mean log distance of "
+        "each student [CLS] feature of a global view to its nearest neighbour in the batch, "
+        "which spreads the features apart.",
+        range="[0, inf)",
+    )
+    ibot_weight: float = _f(
+        0.0,
+        "weight of iBOT's masked-patch loss (DINOv2: 1.0; 0: off; our ViTs only): blocks of "
+        "patches of some global views are masked for the student, which must predict the "
+        "teacher's (centered) patch outputs there. Costs a patch forward through the head.",
+        range="[0, inf)",
+    )
+    ibot_mask_ratio: list[float] = _f(
+        [0.1, 0.5],
+        "range of the fraction of patches masked in a masked global view (min max; DINOv2's).",
+        range="[0, 1]",
+        length=2,
+        increasing=True,
+    )
+    ibot_mask_probability: float = _f(
+        0.5, "fraction of the global views that get a mask (DINOv2: 0.5).", range="[0, 1]"
+    )
+    ibot_separate_head: bool = _f(
+        False,
+        "iBOT's patch outputs from a head of their own (shaped as the DINO head) instead of the "
+        "DINO head; DINOv2 shares the head by default, its large models use a separate one.",
+    )
 
 
 @dataclass
@@ -570,6 +613,13 @@ def validate(cfg: Config) -> None:
             raise DinoError(
                 f"{name}={value} is longer than the run (epochs={o.epochs}); "
                 f"lower --{name.replace('_', '-')} or raise --epochs"
+            )
+    our_vit = m.arch.startswith("vit_") and m.arch.count("_") == 1
+    for name, value in (("registers", m.registers), ("ibot_weight", cfg.loss.ibot_weight)):
+        if value and not our_vit:
+            raise DinoError(
+                f"{name}={value} needs one of our ViTs (vit_pico ... vit_base), not "
+                f"arch={m.arch}; choose one or set --{name.replace('_', '-')} 0"
             )
     if m.init.startswith("timm:") and not m.init[5:]:
         raise DinoError("init timm: needs a model name, e.g. timm:vit_small_patch16_224")

@@ -7,7 +7,10 @@ vector per image ``[B, D]`` and exposes ``embed_dim`` (``D``):
   :class:`~timm.models.vision_transformer.VisionTransformer` exactly as RECIPE.md defines them
   (depth 12, MLP ratio 4, qkv bias, LayerNorm eps 1e-6); the feature is the [CLS] token after the
   final norm and the learned positional embedding is bicubic-interpolated to the patch grid of any
-  input size, so one network takes both global and local crops;
+  input size, so one network takes both global and local crops; ``registers`` adds register
+  tokens ("Vision Transformers Need Registers", Darcet et al. 2024): learned tokens after [CLS]
+  that the blocks may use as scratch space, with no positional embedding and in no output
+  (neither the feature nor the patch tokens nor the attention maps);
 * any other timm model name (``convnext_tiny``, ``vit_small_patch16_224`` ...), classifier removed;
 * torchvision convnets as ``tv:<name>`` (``tv:resnet50``), classifier replaced by identity.
 """
@@ -37,8 +40,15 @@ def vit(
     img_size: int = 224,
     depth: int = 12,
     drop_path_rate: float = 0.0,
+    registers: int = 0,
 ) -> nn.Module:
-    """A DINO ViT (timm implementation): [CLS] after the final norm is the output feature."""
+    """A DINO ViT (timm implementation): [CLS] after the final norm is the output feature.
+
+    With ``registers`` > 0 neither [CLS] nor the registers get a positional embedding (timm's
+    ``no_embed_class``, as timm holds DINOv2's register models): DINOv2 adds one to [CLS] and none
+    to the registers, and a learned [CLS] plus a learned constant is again a learned [CLS].
+    Without registers the network is the one of the DINO paper.
+    """
     from timm.models.vision_transformer import VisionTransformer
 
     if arch not in VIT_SIZES:
@@ -57,6 +67,7 @@ def vit(
         dynamic_img_size=True,
         drop_path_rate=drop_path_rate,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        **({"reg_tokens": registers, "no_embed_class": True} if registers else {}),
     )
     for block in model.blocks:
         # On CPUs the fused attention kernel's backward is slower than the explicit one for
@@ -102,6 +113,7 @@ def build_backbone(
     img_size: int = 224,
     depth: int = 12,
     drop_path_rate: float = 0.0,
+    registers: int = 0,
 ) -> nn.Module:
     """Build a backbone by name (see the module docstring); its output is ``[B, embed_dim]``."""
     if arch in VIT_SIZES:
@@ -110,7 +122,12 @@ def build_backbone(
                 f"the crop size {img_size} is not divisible by the patch size {patch_size}; "
                 "choose sizes that are multiples of the patch size"
             )
-        return vit(arch, patch_size, img_size, depth, drop_path_rate)
+        return vit(arch, patch_size, img_size, depth, drop_path_rate, registers)
+    if registers:
+        raise DinoError(
+            f"register tokens are for our ViTs ({', '.join(VIT_SIZES)}), not {arch}; "
+            "drop --registers or choose one of them"
+        )
     if arch.startswith("tv:"):
         return _TorchvisionTrunk(arch[3:])
     import timm
@@ -127,6 +144,33 @@ def build_backbone(
     model = timm.create_model(name, pretrained=False, **kwargs)
     model.embed_dim = int(model.num_features)
     return model
+
+
+def vit_tokens(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor | None = None,
+    mask_token: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [CLS] feature ``[B, D]`` (what ``model(images)`` returns) and the patch tokens
+    ``[B, N, D]`` (row-major) of one of our ViTs, both after the final norm; register tokens are
+    in neither.
+
+    ``masks`` ``[B, N]`` (bool): the embeddings of those patches are replaced by ``mask_token``
+    ``[1, D]`` before the positional embedding is added (DINOv2's masked-image input).
+    """
+    x = model.patch_embed(images)  # [B, H/p, W/p, D] (dynamic image size)
+    if masks is not None:
+        if mask_token is None:
+            raise ValueError("masks need a mask_token")
+        keep = masks.reshape(*x.shape[:-1], 1)
+        x = torch.where(keep, mask_token.to(x.dtype).reshape(1, 1, 1, -1), x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    x = model.blocks(x)
+    x = model.norm(x)
+    return x[:, 0], x[:, model.num_prefix_tokens :]
 
 
 def has_batchnorm(module: nn.Module) -> bool:

@@ -211,6 +211,7 @@ def _random_spec(
             "patch_size": m.get("patch_size"),
             "depth": m.get("depth"),
             "img_size": run_config.get("data", {}).get("global_size"),
+            "registers": m.get("registers", 0),
         }
     if arch is not None:
         spec["arch"] = arch
@@ -366,7 +367,8 @@ def _backbone_state(
 def detect_arch(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
     """Architecture of a backbone state dict from its tensor shapes, or None if unknown.
 
-    ViTs: ``{"arch", "patch_size", "depth", "img_size", "embed_dim"}``; torchvision ResNets:
+    ViTs: ``{"arch", "patch_size", "depth", "img_size", "embed_dim", "registers"}`` (register
+    tokens: ``reg_token``, and then no positional embedding for [CLS]); torchvision ResNets:
     ``{"arch": "tv:resnetNN"}``.
     """
     if "cls_token" in state and "patch_embed.proj.weight" in state:
@@ -381,9 +383,10 @@ def detect_arch(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
             "patch_h": int(proj.shape[-2]),
             "depth": max(blocks) + 1 if blocks else 0,
             "img_size": None,
+            "registers": int(state["reg_token"].shape[1]) if "reg_token" in state else 0,
         }
         if "pos_embed" in state:
-            n = int(state["pos_embed"].shape[1]) - 1
+            n = int(state["pos_embed"].shape[1]) - (0 if out["registers"] else 1)
             grid = math.isqrt(max(n, 0))
             if grid * grid == n and grid > 0:
                 out["img_size"] = grid * out["patch_size"]
@@ -418,12 +421,13 @@ def _resolve_arch(
             "patch_size": m.get("patch_size"),
             "depth": m.get("depth"),
             "img_size": run_config.get("data", {}).get("global_size"),
+            "registers": m.get("registers", 0),
         }
     elif found is not None:
         spec = dict(found)
     if found is not None and found.get("embed_dim"):
         # the file's own shapes are the truth for a ViT of ours or the reference's
-        spec.update({k: found[k] for k in ("depth", "img_size") if found.get(k)})
+        spec.update({k: found[k] for k in ("depth", "img_size", "registers") if found.get(k)})
     if arch is not None:
         if arch in VIT_SIZES and found is not None and found.get("embed_dim"):
             dim = VIT_SIZES[arch][0]
@@ -474,7 +478,8 @@ def _build(spec: dict[str, Any], source: str) -> nn.Module:
             patch = int(spec.get("patch_size") or 16)
             img = int(spec.get("img_size") or 224)
             img = max(patch, img - img % patch)
-            return build_backbone(arch, patch, img, int(spec.get("depth") or 12))
+            depth, registers = int(spec.get("depth") or 12), int(spec.get("registers") or 0)
+            return build_backbone(arch, patch, img, depth, registers=registers)
         return build_backbone(arch)
     except DinoError as exc:
         raise DinoError(f"cannot build the backbone of {source}: {exc}") from None

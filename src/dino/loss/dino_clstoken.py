@@ -1,4 +1,5 @@
-"""The DINO loss: cross-entropy between the centered, sharpened teacher and the student.
+"""The DINO loss on the [CLS] outputs: cross-entropy between the centered, sharpened teacher
+and the student.
 
 For teacher global view ``i`` and student view ``v != i`` the pair loss is
 ``-sum_k Pt_i[k] log Ps_v[k]`` averaged over the batch; the loss is the mean over all
@@ -6,7 +7,8 @@ For teacher global view ``i`` and student view ``v != i`` the pair loss is
 over pairs is one inner product: ``<sum_i Pt_i, sum_v log Ps_v> - sum_i <Pt_i, log Ps_i>``.
 That sum splits over any partition of the student views (:meth:`DINOLoss.student_term`): the
 training step backpropagates the global and the local views one after the other, so that only
-one resolution's activations are alive at a time.
+one resolution's activations are alive at a time. The teacher's targets are EMA-centered
+or Sinkhorn-Knopp normalized (:mod:`dino.loss.centering`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+
+from dino.loss.centering import TeacherCentering
 
 
 @dataclass
@@ -46,12 +48,14 @@ class TeacherTargets:
         return LossStats(self.entropy, loss - self.entropy, self.batch_entropy)
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(TeacherCentering):
     """Args:
     out_dim: K.
     n_global: number of views the teacher sees (2).
     student_temp: tau_s (0.1).
     center_momentum: EMA momentum of the center (0.9).
+    centering: ``ema`` (the center) or ``sinkhorn`` (:func:`~dino.loss.centering.sinkhorn_knopp`
+        over the teacher outputs of all global views of the batch; the center is then unused).
     """
 
     def __init__(
@@ -60,13 +64,11 @@ class DINOLoss(nn.Module):
         n_global: int = 2,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        centering: str = "ema",
     ) -> None:
-        super().__init__()
+        super().__init__(out_dim, center_momentum, centering)
         self.n_global = n_global
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self._pending: tuple[torch.Tensor, int, object] | None = None
 
     def forward(
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float
@@ -79,15 +81,13 @@ class DINOLoss(nn.Module):
 
     def targets(self, teacher_out: torch.Tensor, teacher_temp: float) -> TeacherTargets:
         """The centered, sharpened teacher distributions of a step (and its center update)."""
-        self.apply_center_update()
-        t_logits = (teacher_out.detach().float() - self.center) / teacher_temp
-        t = F.softmax(t_logits, dim=-1).unflatten(0, (self.n_global, -1))  # [G, B, K]
+        probs, log_probs = self.teacher_probs(teacher_out.detach(), teacher_temp)
+        t = probs.unflatten(0, (self.n_global, -1))  # [G, B, K]
         with torch.no_grad():
-            log_t = F.log_softmax(t_logits, dim=-1).unflatten(0, (self.n_global, -1))
+            log_t = log_probs.unflatten(0, (self.n_global, -1))
             entropy = -(t * log_t).sum(-1).mean()
             mean_t = t.mean(1)  # [G, K]
             batch_entropy = -(mean_t * mean_t.clamp_min(1e-30).log()).sum(-1).mean()
-        self._start_center_update(teacher_out.detach())
         return TeacherTargets(t, t.sum(0), entropy, batch_entropy)
 
     def student_term(
@@ -105,31 +105,3 @@ class DINOLoss(nn.Module):
         if own:
             cross = cross - (targets.probs[first_view : first_view + own] * s[:own]).sum()
         return -cross / (batch * n_pairs)
-
-    @torch.no_grad()
-    def _start_center_update(self, teacher_out: torch.Tensor) -> None:
-        """Start summing the teacher outputs over the global batch (async all-reduce)."""
-        total = teacher_out.float().sum(dim=0, keepdim=True)
-        count = teacher_out.shape[0]
-        handle = None
-        if dist.is_available() and dist.is_initialized():
-            handle = dist.all_reduce(total, async_op=True)
-            count *= dist.get_world_size()
-        self._pending = (total, count, handle)
-
-    def discard_center_update(self) -> None:
-        """Forget the pending center update (the training loop skips a non-finite step)."""
-        if self._pending is not None and self._pending[2] is not None:
-            self._pending[2].wait()  # type: ignore[attr-defined]
-        self._pending = None
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """``c <- m c + (1 - m) mean(teacher outputs)``; waits for the all-reduce if needed."""
-        if self._pending is None:
-            return
-        total, count, handle = self._pending
-        if handle is not None:
-            handle.wait()
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)
-        self._pending = None
