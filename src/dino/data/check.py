@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from dino.data.datasets import IMAGE_EXTENSIONS, BadImage, load_image
+from dino.data.file_index import index_folder
 from dino.errors import DinoError
 
 _FORMAT_OF_EXTENSION = {ext.lower(): fmt for ext, fmt in Image.registered_extensions().items()}
@@ -102,25 +103,16 @@ def check_file(path: str) -> FileCheck:
     return FileCheck(path, None, mode, fmt)
 
 
-def list_files(root: str | Path) -> tuple[list[str], int]:
-    """Image files below ``root`` (sorted, hidden ones skipped, as training does) and the number
-    of other files."""
+def list_files(root: str | Path) -> tuple[Sequence[str], int]:
+    """Image files below ``root`` (sorted, hidden ones skipped: the list training uses, from
+    the same cache, :func:`dino.data.file_index.index_folder`) and the number of other files."""
     root = Path(root)
     if not root.exists():
         raise DinoError(f"{root} does not exist; pass a folder of images")
     if root.is_file():
         return [str(root)], 0
-    images, others = [], 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                images.append(os.path.join(dirpath, name))
-            else:
-                others += 1
-    return sorted(images), others
+    index = index_folder(root, IMAGE_EXTENSIONS)
+    return index.files, index.others
 
 
 def check_folder(
