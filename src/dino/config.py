@@ -58,6 +58,24 @@ class Interval:
         )
 
 
+def _valid_spec(
+    range: str | None = None,
+    length: int | tuple[int, float] | None = None,
+    increasing: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if range is not None:
+        spec["range"] = Interval.parse(range)
+    if length is not None:
+        spec["length"] = (length, length) if isinstance(length, int) else length
+    if increasing:
+        spec["increasing"] = True
+    if choices is not None:
+        spec["choices"] = choices
+    return spec
+
+
 def _f(
     default: Any,
     help: str,
@@ -75,15 +93,7 @@ def _f(
     ``increasing``: a list's values must not decrease (a min-max pair); ``choices``: a string's
     allowed values (``"cuda:N"`` stands for any ``cuda:<number>``).
     """
-    meta: dict[str, Any] = {"help": help}
-    if range is not None:
-        meta["range"] = Interval.parse(range)
-    if length is not None:
-        meta["length"] = (length, length) if isinstance(length, int) else length
-    if increasing:
-        meta["increasing"] = True
-    if choices is not None:
-        meta["choices"] = choices
+    meta = {"help": help, **_valid_spec(range, length, increasing, choices)}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -492,7 +502,10 @@ def load_yaml(name_or_path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise DinoError(f"{path} is not valid YAML ({exc}); fix the file") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise DinoError(f"{path} is not valid YAML ({where}{problem}); fix the file") from None
     if not isinstance(data, dict):
         raise DinoError(f"{path} must hold a mapping of config fields")
     return data
@@ -505,6 +518,8 @@ BUILTIN_PRESET = "fashion-mnist"
 
 def default_preset(data: str) -> str:
     """The preset ``dino train`` uses when no --config is given, for ``--data data``."""
+    if data == "fashion-mnist-scenes":  # the built-in scenes: their own preset
+        return data
     return BUILTIN_PRESET if data == "fashion-mnist" else "default"
 
 
@@ -553,6 +568,21 @@ def valid_values(name: str) -> str:
     return "; ".join(parts)
 
 
+def check_value(
+    name: str,
+    value: Any,
+    range: str | None = None,
+    *,
+    length: int | tuple[int, float] | None = None,
+    increasing: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> None:
+    """Raise a :class:`DinoError` naming ``name`` (a field or a flag such as ``--k``), ``value``
+    and the valid values when ``value`` is not one of them; the arguments are those of a config
+    field's declaration (:func:`_f`). For the evaluation commands' flags and functions."""
+    _check_field(name, value, _valid_spec(range, length, increasing, choices))
+
+
 def _check_field(name: str, value: Any, meta: Any) -> None:
     """Raise a :class:`DinoError` naming ``name``, ``value`` and the valid values if ``value``
     breaks the field's declared range, length or choices."""
@@ -568,8 +598,8 @@ def _check_field(name: str, value: Any, meta: Any) -> None:
             raise DinoError(f"{what} must be a finite number, got {value}")
     rng = meta.get("range")
     if rng is not None and any(v not in rng for v in values):
-        each = " each" if isinstance(value, list) else ""
-        raise DinoError(f"{what} must{each} be {rng}, got {value}")
+        each = " values must each" if isinstance(value, list) else " must"
+        raise DinoError(f"{what}{each} be {rng}, got {value}")
     if meta.get("increasing") and any(a > b for a, b in itertools.pairwise(values)):
         raise DinoError(f"{what} is a min max pair and needs min <= max, got {value}")
     choices = meta.get("choices")

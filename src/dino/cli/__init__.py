@@ -12,6 +12,7 @@ import logging
 import sys
 
 from dino.cli import evaluate, export, train, visualize
+from dino.cli.flags import check_flags
 from dino.errors import DinoError
 
 #: The command modules, in the order ``dino --help`` lists their commands.
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     rank, world = env_world()
     try:
+        check_flags(args)
         return args.run(args)
     except DinoError as exc:
         print(f"dino: error: {f'rank {rank}: ' if world > 1 else ''}{exc}", file=sys.stderr)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Any
 
-from dino.config import leaf_fields
+from dino.config import check_value, leaf_fields
 from dino.errors import DinoError
 
 
@@ -176,3 +177,76 @@ def write_json(path: str | Path, obj: Any) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(obj, indent=2, default=str))
+
+
+#: The valid values of the commands' flags by argparse ``dest`` (the arguments of
+#: :func:`dino.config.check_value`), checked by :func:`check_flags` before a command loads
+#: anything; ``COMMAND_FLAG_VALUES`` holds a command's exceptions. The config fields of
+#: ``dino train`` are checked by :func:`dino.config.validate` instead.
+IMAGE_SIDES = "[1, 8192]"
+FLAG_VALUES: dict[str, dict[str, Any]] = {
+    "patch_size": {"range": "[1, inf)"},
+    "eval_resize": {"range": IMAGE_SIDES},
+    "eval_crop": {"range": IMAGE_SIDES},
+    "image_size": {"range": IMAGE_SIDES},
+    "mean": {"range": "[0, 1]", "length": 3},
+    "std": {"range": "(0, inf)", "length": 3},
+    "batch_size": {"range": "[1, inf)"},
+    "num_workers": {"range": "[-1, inf)"},
+    "workers": {"range": "[0, inf)"},
+    "subset": {"range": "[0, inf)"},
+    "k": {"range": "[1, inf)", "length": (1, float("inf"))},
+    "temperature": {"range": "(0, inf)"},
+    "epochs": {"range": "[1, inf)"},
+    "lr": {"range": "(0, inf)"},
+    "n_last_blocks": {"range": "[1, inf)"},
+    "val_every": {"range": "[1, inf)"},
+    "seed": {"range": "[0, 4294967295]"},
+    "threshold": {"range": "(0, 1]"},
+    "images": {"range": "[0, inf)"},
+    "nproc": {"range": "[1, inf)"},
+    "device": {"choices": ("auto", "cpu", "cuda", "cuda:N")},
+}
+COMMAND_FLAG_VALUES: dict[str, dict[str, dict[str, Any]]] = {
+    "attention": {"image_size": {"range": "[0, 8192]"}},  # 0 keeps the image's size
+}
+#: Output flags that name a file; every other ``output`` / ``output_dir`` names a folder.
+FILE_OUTPUTS = {("knn", "output"), ("check-data", "output")}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Check every flag of the command against its valid values, and its output path, before
+    the command loads data or weights; raise :class:`DinoError` naming the first bad one."""
+    command = getattr(args, "command", "")
+    config = leaf_fields() if command == "train" else {}
+    specs = {**FLAG_VALUES, **COMMAND_FLAG_VALUES.get(command, {})}
+    for dest, value in vars(args).items():
+        if dest in config or dest not in specs or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if all(isinstance(v, str) for v in values) and "choices" not in specs[dest]:
+            continue  # a flag of this name that takes paths (attention's images)
+        check_value(f"--{dest.replace('_', '-')}", value, **specs[dest])
+    for dest in ("output", "output_dir"):
+        path = getattr(args, dest, None)
+        if isinstance(path, str) and path:
+            kind = "file" if (command, dest) in FILE_OUTPUTS else "folder"
+            check_output(path, f"--{dest.replace('_', '-')}", kind)
+
+
+def check_output(path: str | Path, flag: str, kind: str = "folder") -> None:
+    """Raise :class:`DinoError` unless ``path`` can be written as a ``kind`` (``"folder"`` or
+    ``"file"``): a folder must not be an existing file, a file not an existing folder, and the
+    nearest existing folder above it must be writable. Creates nothing."""
+    p = Path(path)
+    if kind == "folder" and p.exists() and not p.is_dir():
+        raise DinoError(f"{flag} {p} is an existing file, not a folder; choose a folder path")
+    if kind == "file" and p.is_dir():
+        raise DinoError(f"{flag} {p} is a folder; give the path of a file in it")
+    above = p.absolute()
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise DinoError(f"{flag} {p} cannot be created: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK | os.X_OK) or (p.is_file() and not os.access(p, os.W_OK)):
+        raise DinoError(f"{flag} {p} cannot be written: no write permission on {above}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dino.config import check_value
 from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, decode_bad, fashion_mnist
 from dino.errors import DinoError
 from dino.eval.features import extract
@@ -110,12 +112,19 @@ def knn_eval(
     Returns ``{"knn": {"20": {"top1": .., "top5": ..}, ...}, "n_train", "n_val", ...}``
     (accuracies in percent).
     """
+    check_value("k", list(ks), "[1, inf)", length=(1, math.inf))
+    check_value("temperature", temperature, "(0, inf)")
     dev = resolve_device(device)
     model = as_backbone(backbone, dev)
     view = view or resolve_view(data, run_config_of(model))
     train, val = open_labeled(data, subset)
-    if any(int(k) < 1 for k in ks):
-        raise DinoError(f"k values must be at least 1, got {list(ks)}")
+    too_many = sorted({int(k) for k in ks if int(k) > len(train)})
+    if too_many:
+        raise DinoError(
+            f"k={', '.join(map(str, too_many))} asks for more neighbours than the "
+            f"{len(train)} training images of {data}"
+            f"{f' (subset {subset})' if subset else ''}; pass --k values up to {len(train)}"
+        )
     fb, yb = features_of(model, train, view, batch_size, num_workers, dev, "k-NN bank")
     fq, yq = features_of(model, val, view, batch_size, num_workers, dev, "k-NN queries")
     knn = weighted_knn(

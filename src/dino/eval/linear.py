@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dino.config import check_value
 from dino.errors import DinoError
 from dino.eval.api import as_backbone, features_of, run_config_of
 from dino.eval.views import (
@@ -175,8 +176,10 @@ def linear_probe(
     Returns ``{"top1", "top5"}`` of the last epoch (percent) with ``best_top1``, ``history``
     and the setup.
     """
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise DinoError("epochs and batch size must be at least 1 and lr positive")
+    check_value("epochs", epochs, "[1, inf)")
+    check_value("batch_size", batch_size, "[1, inf)")
+    check_value("lr", lr, "(0, inf)")
+    check_value("val_every", val_every, "[1, inf)")
     dev = resolve_device(device)
     model = as_backbone(backbone, dev)
     view = view or resolve_view(data, run_config_of(model))

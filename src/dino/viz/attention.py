@@ -113,6 +113,11 @@ def attention_masks(attention: torch.Tensor, threshold: float = 0.6) -> torch.Te
     return keep.reshape(shape)
 
 
+#: The most patches an image may have for its attention maps: 128 x 128, e.g. 2048 px with
+#: 16-px patches (each block then holds a 16384 x 16384 attention matrix per head).
+MAX_PATCHES = 16384
+
+
 def prepare_image(
     image: Image.Image,
     patch_size: int,
@@ -134,6 +139,13 @@ def prepare_image(
         raise DinoError(
             f"the image ({w}x{h} after resizing) is smaller than one {patch_size}-pixel patch; "
             "pass a larger --image-size"
+        )
+    tokens = (cw // patch_size) * (ch // patch_size)
+    if tokens > MAX_PATCHES:
+        raise DinoError(
+            f"the image ({w}x{h} after resizing) makes {tokens} patches of {patch_size} px, "
+            f"more than the {MAX_PATCHES} attention maps are drawn for (every block's attention "
+            "grows with their square); pass a smaller --image-size, such as 480"
         )
     left, top = (w - cw) // 2, (h - ch) // 2
     img = img.crop((left, top, left + cw, top + ch))
