@@ -3,7 +3,7 @@ Fashion-MNIST images (60k bank + 10k queries) with the preset's backbone, then t
 
 The backbone is randomly initialized (the time does not depend on the weights); the preset is
 read at run time. The same code path as the evaluation during training
-(``Trainer.knn``: ``tensor_eval_batches`` -> ``extract`` -> ``weighted_knn``).
+(``dino.training.knn.teacher_knn``: ``eval_batches`` -> ``extract`` -> ``weighted_knn``).
 
     python benchmarks/knn_eval.py                    # fp32 and bf16 (where supported)
     python benchmarks/knn_eval.py --subset 5000      # a quick trial
@@ -19,10 +19,10 @@ from harness import machine_name, save_results, stamp, table
 
 from dino.config import load_config
 from dino.data.datasets import open_training_data
+from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from dino.eval.features import extract, tensor_eval_batches
 from dino.eval.neighbors import weighted_knn
 from dino.models.backbones import build_backbone
-from dino.training.setup import AUTOCAST_DTYPES, Dist, resolve_device, resolve_precision
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     cfg = load_config(args.preset)
-    device = resolve_device(args.device, Dist())
+    device = resolve_device(args.device)
     data = open_training_data(cfg.data.data, args.subset)
     assert data.knn_bank is not None and data.knn_query is not None
     torch.manual_seed(0)

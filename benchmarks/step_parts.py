@@ -1,6 +1,6 @@
 """The parts of a training step one at a time, our implementation vs the plain one.
 
-What each optimization of ``Trainer._step`` buys on the recipe's networks (ViT-S/16 + head with
+What each optimization of ``train_step`` buys on the recipe's networks (ViT-S/16 + head with
 K = 65536; ``--preset`` for another): the optimizer (AdamW per-parameter loop, foreach, fused),
 the teacher EMA and the per-parameter clipping (Python loop vs foreach), the loss (one
 log-softmax per view vs one per pair, forward and backward) and the teacher forward (no_grad vs
@@ -20,8 +20,9 @@ from harness import interleave, machine_name, paired_speedup, save_results, stam
 
 from dino.config import load_config
 from dino.loss import DINOLoss
-from dino.training.loop import clip_per_parameter, ema_update
-from dino.training.setup import build_networks, param_groups
+from dino.training.networks import build_networks
+from dino.training.optim import param_groups
+from dino.training.step import clip_per_parameter, ema_update
 
 
 def ema_loop(teacher: torch.nn.Module, student: torch.nn.Module, m: float) -> None:

@@ -2,7 +2,7 @@
 
 One step: an augmented batch already in memory -> teacher forward (global views), student
 forward and backward (all views), loss, per-parameter clipping, AdamW, teacher EMA, center.
-"ours" is ``dino.training.loop.Trainer._step`` itself; "baseline" is the paper-faithful plain
+"ours" is ``dino.training.step.train_step`` itself; "baseline" is the paper-faithful plain
 step of ``benchmarks/baseline.py`` (fp32, and the same under autocast). All of them are built in
 one process from the same weights and timed interleaved on the same batch (see ``harness.py``).
 
@@ -46,16 +46,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dino.config import Config, load_config
 from dino.data.datasets import open_training_data
-from dino.training.loop import Trainer, _step_seed
-from dino.training.setup import (
-    AUTOCAST_DTYPES,
-    Batches,
-    Dist,
-    Schedules,
-    build_networks,
-    resolve_device,
-    resolve_precision,
-)
+from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
+from dino.training.batches import Batches
+from dino.training.distributed import Dist
+from dino.training.networks import build_networks
+from dino.training.schedules import Schedules
+from dino.training.step import step_seed, train_step
+from dino.training.trainer import Trainer
 
 #: The iteration the timed steps start at: inside the learning-rate warm-up, lr > 0.
 START_ITERATION = 1
@@ -85,7 +82,7 @@ def build_config(args: argparse.Namespace, precision: str = "auto") -> Config:
         "device": args.device,
         "precision": precision,
         "freeze_last_layer": 0,  # every step updates every parameter, in both implementations
-        "output_dir": "/nonexistent/benchmark",  # never written: only _step runs
+        "output_dir": "/nonexistent/benchmark",  # never written: only train_step runs
     }
     flags = ("arch", "patch_size", "depth", "batch_size", "global_size", "local_size")
     flags += ("local_crops", "out_dim", "drop_path_rate")
@@ -113,7 +110,7 @@ def make_views(cfg: Config, device: torch.device) -> list[torch.Tensor]:
 
 
 class OursStep:
-    """``Trainer._step`` of a trainer built from the config (its data is never read)."""
+    """``train_step`` of a trainer built from the config (its data is never read)."""
 
     def __init__(self, cfg: Config, views: list[torch.Tensor]) -> None:
         self.trainer = Trainer(cfg)
@@ -122,7 +119,7 @@ class OursStep:
         self.last_loss = float("nan")
 
     def __call__(self) -> None:
-        out = self.trainer._step(self.views)
+        out = train_step(self.trainer, self.views)
         self.last_loss = out.get("loss", float("nan"))
         self.trainer.iteration += 1
 
@@ -153,7 +150,7 @@ class BaselineStep:
 
     def __call__(self) -> None:
         it, s = self.iteration, self.sched
-        torch.manual_seed(_step_seed(self.cfg.run.seed, 0, it))  # drop path as ours draws it
+        torch.manual_seed(step_seed(self.cfg.run.seed, 0, it))  # drop path as ours draws it
         self.last_loss = self.plain.step(
             self.views, float(s.lr[it]), float(s.wd[it]), float(s.momentum[it]),
             float(s.teacher_temp[it]),
@@ -182,7 +179,7 @@ def count_flops(args: argparse.Namespace, views: list[torch.Tensor], device) -> 
 
 def memory_probe(impl: Impl, args: argparse.Namespace) -> dict[str, float]:
     """Peak memory of two steps of ``impl`` (run in this process; call it in a fresh one)."""
-    device = resolve_device(args.device, Dist())
+    device = resolve_device(args.device)
     views = make_views(build_config(args), device)
     step = build_impl(impl, args, views, device)
     synchronize(device)
@@ -241,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size is None and not args.preset:
-        args.batch_size = 64 if resolve_device(args.device, Dist()).type == "cuda" else 16
+        args.batch_size = 64 if resolve_device(args.device).type == "cuda" else 16
     return args
 
 
@@ -270,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.memory_probe:
         print(json.dumps(memory_probe(Impl.parse(args.memory_probe), args)))
         return {}
-    device = resolve_device(args.device, Dist())
+    device = resolve_device(args.device)
     base_cfg = build_config(args)
     precisions = [resolve_precision(p, device) for p in args.precision.split(",")]
     precisions = list(dict.fromkeys(precisions))

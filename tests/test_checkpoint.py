@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
+from dino.atomic_files import atomic_write
 from dino.errors import DinoError
-from dino.training.checkpoint import LATEST, atomic_write, load_checkpoint, save_checkpoint
+from dino.training.checkpoint import LATEST, load_checkpoint, save_checkpoint
 
 
 def state(iteration: int) -> dict:

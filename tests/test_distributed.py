@@ -147,12 +147,17 @@ def test_collectives_on_two_processes(tmp_path) -> None:
 # ---------------------------------------------------------------- end-to-end runs
 
 
-def _dino(args: list[str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _dino(
+    args: list[str], timeout: float = 240, faults: str = ""
+) -> tuple[subprocess.CompletedProcess, float]:
+    """``dino train ARGS``; with ``faults``, run through ``tests/helpers/train_with_faults.py``
+    with those faults installed (in every process of a ``--nproc`` run)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULTS": faults}
     env.pop("WORLD_SIZE", None)
+    command = [str(Path(__file__).parent / "helpers" / "train_with_faults.py")] if faults else []
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "dino", "train", *args],
+        [sys.executable, *(command or ["-m", "dino"]), "train", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -212,15 +217,12 @@ def test_failed_rank_stops_the_run_and_checkpoint_resumes(one_process_run, tmp_p
     """Rank 1 dies (SIGKILL) or raises at iteration 5: the run ends quickly with torchrun's
     report naming rank 1; the checkpoint of iteration 4 resumes on 1 process."""
     run = tmp_path / "run"
-    os.environ["DINO_FAULT_INJECT"] = f"1:5:{mode}"
-    try:
-        proc, seconds = _dino(
-            [*TINY, "--batch-size", str(B), "--output-dir", str(run), "--nproc", "2"]
-            + ["--save-every", "2"],
-            timeout=120,
-        )
-    finally:
-        del os.environ["DINO_FAULT_INJECT"]
+    proc, seconds = _dino(
+        [*TINY, "--batch-size", str(B), "--output-dir", str(run), "--nproc", "2"]
+        + ["--save-every", "2"],
+        timeout=120,
+        faults=f"rank-fails:1:5:{mode}",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     err = proc.stderr
     assert "process rank 1 failed" in err

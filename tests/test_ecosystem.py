@@ -22,7 +22,7 @@ from dino.errors import DinoError
 from dino.models.backbones import vit
 from dino.models.export import timm_spec
 from dino.models.weights import WeightsInfo, load_backbone
-from dino.training.setup import build_networks
+from dino.training.networks import build_networks
 
 torch.set_num_threads(1)
 

@@ -45,7 +45,7 @@ def _tiny_cfg(**overrides):
 def test_compile_keeps_parameter_names(tmp_path) -> None:
     """``run.compile`` compiles the networks in place: checkpoints keep their keys (compiling
     itself happens at the first forward, which this test does not run)."""
-    from dino.training.loop import Trainer
+    from dino.training import Trainer
 
     cfg = _tiny_cfg(compile=True, batch_size=8, subset=64, output_dir=str(tmp_path / "run"))
     trainer = Trainer(cfg)

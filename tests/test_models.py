@@ -14,8 +14,9 @@ from dino.errors import DinoError
 from dino.models.backbones import build_backbone, vit
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropNet
-from dino.training.loop import clip_per_parameter, ema_update
-from dino.training.setup import build_networks, param_groups
+from dino.training.networks import build_networks
+from dino.training.optim import param_groups
+from dino.training.step import clip_per_parameter, ema_update, student_parts
 
 PATCH, GLOBAL, LOCAL = 4, 28, 12
 
@@ -431,12 +432,12 @@ def test_convnets_run_channels_last_and_compute_the_same() -> None:
 def test_training_step_backpropagates_one_resolution_at_a_time(tmp_path) -> None:
     """Views are split into runs of one size (globals, locals); a head with BatchNorm, whose
     statistics cover all views, keeps them together."""
-    from dino.training.loop import Trainer
+    from dino.training import Trainer
 
     base = {"arch": "vit_pico", "patch_size": 4, "depth": 1, "global_size": 8, "local_size": 4}
     base |= {"out_dim": 16, "head_hidden_dim": 8, "batch_size": 4, "subset": 16, "local_crops": 3}
     views = [torch.zeros(4, 3, 8, 8)] * 2 + [torch.zeros(4, 3, 4, 4)] * 3
     trainer = Trainer(load_config(None, {**base, "output_dir": str(tmp_path / "a")}))
-    assert trainer._view_parts(views) == [(0, 2), (2, 5)]
+    assert student_parts(trainer, views) == [(0, 2), (2, 5)]
     cfg = load_config(None, {**base, "use_bn_in_head": True, "output_dir": str(tmp_path / "b")})
-    assert Trainer(cfg)._view_parts(views) == [(0, 5)]
+    assert student_parts(Trainer(cfg), views) == [(0, 5)]

@@ -1,14 +1,14 @@
 """Never lose a run: kill ``dino train`` at any moment, resume it, get the uninterrupted run.
 
-Every scenario kills a real training process (SIGKILL from the ``DINO_TEST_KILL_AT`` hook or
-from the test, or SIGTERM / SIGINT), resumes it with ``dino train --resume`` and checks that
-the final student, teacher, optimizer and center are bit-identical (``torch.equal``, CPU fp32) to
-those of an uninterrupted run of the same config, and that ``metrics.jsonl`` holds the same
-lines. The config exercises everything a step depends on: drop path (torch's generator), a
-DataLoader worker with per-sample augmentation seeds, a k-NN evaluation at each epoch end,
-checkpoints every 2 iterations with one older file kept. Runs take a few seconds each; the
-processes to kill are subprocesses, the runs to their end (reference, last resume) run in the
-test process to save the start-up time.
+Every scenario kills a real training process (SIGKILL installed by
+``tests/helpers/train_with_faults.py`` or sent by the test, or SIGTERM / SIGINT), resumes it
+with ``dino train --resume`` and checks that the final student, teacher, optimizer and center
+are bit-identical (``torch.equal``, CPU fp32) to those of an uninterrupted run of the same
+config, and that ``metrics.jsonl`` holds the same lines. The config exercises everything a step
+depends on: drop path (torch's generator), a DataLoader worker with per-sample augmentation
+seeds, a k-NN evaluation at each epoch end, checkpoints every 2 iterations with one older file
+kept. Runs take a few seconds each; the processes to kill are subprocesses, the runs to their
+end (reference, last resume) run in the test process to save the start-up time.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.faults import install_stop_before_step
 from PIL import Image
 
 from dino.cli import main
@@ -37,7 +38,6 @@ from dino.training.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from dino.training.loop import Trainer
 
 # 2 classes x 20 training images, batch 8: 5 steps an epoch, 10 in all; checkpoints at 2, 4,
 # 5 (epoch end), 6, 8, 10 (epoch end); k-NN after epoch 1 and at the end.
@@ -52,18 +52,23 @@ TINY = [
 STEPS = 10
 
 
+WITH_FAULTS = Path(__file__).parent / "helpers" / "train_with_faults.py"
+
+
 def dino_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DINO_TEST_")}
+    env = {k: v for k, v in os.environ.items() if k != "FAULTS"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
 
-def dino(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    """Run ``python -m dino ARGS`` to its end."""
+def dino(args: list[str], cwd: Path, faults: str = "") -> subprocess.CompletedProcess:
+    """Run ``python -m dino ARGS`` to its end; with ``faults`` (see
+    ``tests/helpers/train_with_faults.py``), the same command with those faults installed."""
+    command = [str(WITH_FAULTS)] if faults else ["-m", "dino"]
     return subprocess.run(
-        [sys.executable, "-m", "dino", *args],
+        [sys.executable, *command, *args],
         cwd=cwd,
-        env=dino_env(**env),
+        env=dino_env(FAULTS=faults),
         capture_output=True,
         text=True,
         timeout=300,
@@ -141,16 +146,18 @@ def test_sigkill_at_four_moments_then_resume_is_exact(data, reference, tmp_path)
     starts over), mid-epoch (iteration 3, checkpoint 2), right after writing checkpoint 4, and
     in the middle of writing checkpoint 6 (the latest, 5, stays intact)."""
     run = tmp_path / "run"
-    for i, kill in enumerate(["1", "3", "4:saved", "6:saving"]):
+    kills = ["kill-before-step:1", "kill-before-step:3", "kill-before-step:4",
+             "kill-while-saving:6"]  # fmt: skip
+    for i, kill in enumerate(kills):
         args = train_args(data, run) if i == 0 else ["train", "--resume", str(run)]
-        proc = dino(args, tmp_path, DINO_TEST_KILL_AT=kill)
+        proc = dino(args, tmp_path, faults=kill)
         expect(proc, -signal.SIGKILL)
         done = max(r["iteration"] for r in metrics_rows(run) if "loss" in r)
-        if kill == "1":
+        if i == 0:
             assert done == 0 and not has_checkpoint(run)
-        elif kill == "3":
+        elif i == 1:
             assert done == 2 and load_checkpoint(run)["iteration"] == 2
-        elif kill == "4:saved":
+        elif i == 2:  # right after writing checkpoint 4
             assert done == 3 and load_checkpoint(run)["iteration"] == 4
         else:  # the half-written file is there, the latest is intact
             assert done == 5 and load_checkpoint(run)["iteration"] == 5
@@ -224,14 +231,9 @@ def test_signal_saves_a_checkpoint_and_exits(sig, data, reference, tmp_path) -> 
 def test_stop_at_an_epoch_end_before_its_evaluation(data, reference, tmp_path, monkeypatch):
     """A stop request right after the last step of epoch 1 saves checkpoint 5 before the
     epoch's k-NN evaluation; the resumed run evaluates first, then goes on."""
-
-    def stop_at_5(self: Trainer, point: str) -> None:
-        if point == "step" and self.iteration == 5:
-            self._stop_signal = signal.SIGTERM
-
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "_test_kill", stop_at_5)
+        install_stop_before_step(m, 5)
         with pytest.raises(SystemExit) as info:
             main(train_args(data, run, workers=0))
     assert info.value.code == 128 + signal.SIGTERM
@@ -245,7 +247,7 @@ def test_resume_falls_back_past_unreadable_checkpoints(data, reference, tmp_path
     """Killed while writing the epoch-end checkpoint (5), then the latest file (4, a hard link
     of checkpoint-00000004.pth) is damaged in place: resuming falls back to checkpoint 2."""
     run = tmp_path / "run"
-    expect(dino(train_args(data, run), tmp_path, DINO_TEST_KILL_AT="5:saving"), -signal.SIGKILL)
+    expect(dino(train_args(data, run), tmp_path, faults="kill-while-saving:5"), -signal.SIGKILL)
     latest = run / LATEST
     assert load_checkpoint(run)["iteration"] == 4
     with open(latest, "r+b") as f:
@@ -267,7 +269,7 @@ def test_in_memory_data_sigkill_then_resume_is_exact(tmp_path) -> None:
             "28", "--num-workers", "0"]  # fmt: skip
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main([*args, "--output-dir", str(ref)]) == 0
-    killed = dino([*args, "--output-dir", str(run)], tmp_path, DINO_TEST_KILL_AT="11")
+    killed = dino([*args, "--output-dir", str(run)], tmp_path, faults="kill-before-step:11")
     expect(killed, -signal.SIGKILL)
     resume(run)
     a, b = load_checkpoint(ref), load_checkpoint(run)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.faults import install_nan, poison
 from PIL import Image
 from test_resume import TINY, write_images
 
@@ -27,10 +28,10 @@ from dino.cli import main
 from dino.config import load_config
 from dino.data.check import check_folder
 from dino.data.datasets import FASHION_MNIST_DIRS, BadImage, load_image
-from dino.errors import DinoError
 from dino.training.checkpoint import LATEST, load_checkpoint
-from dino.training.loop import Trainer, _parse_kill_hook, _parse_nan_hook
 from dino.training.monitor import CollapseMonitor
+from dino.training.step import train_step
+from dino.training.trainer import Trainer
 
 # ---------------------------------------------------------------- a folder of awkward files
 
@@ -212,10 +213,10 @@ def all_finite(state: dict) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("hook", "reason"), [("3", "non-finite loss"), ("grad:3", "non-finite gradient")]
+    ("kind", "reason"), [("loss", "non-finite loss"), ("grad", "non-finite gradient")]
 )
-def test_a_non_finite_step_is_skipped_and_logged(hook, reason, clean, tmp_path, monkeypatch):
-    monkeypatch.setenv("DINO_TEST_NAN_AT", hook)
+def test_a_non_finite_step_is_skipped_and_logged(kind, reason, clean, tmp_path, monkeypatch):
+    install_nan(monkeypatch, {3}, kind)
     run = tmp_path / "run"
     assert train(clean, run, "--epochs", "3", "--save-every", "1", "--keep", "10") == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -229,9 +230,8 @@ def test_a_non_finite_step_is_skipped_and_logged(hook, reason, clean, tmp_path, 
     assert final["iteration"] == 6 and all_finite(final)
 
 
-@pytest.mark.parametrize("hook", ["0", "grad:0"])
-def test_a_skipped_step_changes_nothing(hook, clean, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("DINO_TEST_NAN_AT", hook)
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_a_skipped_step_changes_nothing(kind, clean, tmp_path) -> None:
     cfg = load_config(None, {
         "data": str(clean), "arch": "vit_pico", "depth": 2, "patch_size": 4, "global_size": 16,
         "local_size": 8, "local_crops": 2, "out_dim": 32, "head_hidden_dim": 32,
@@ -239,22 +239,23 @@ def test_a_skipped_step_changes_nothing(hook, clean, tmp_path, monkeypatch) -> N
         "num_workers": 0, "output_dir": str(tmp_path / "run"), "freeze_last_layer": 0,
     })  # fmt: skip
     trainer = Trainer(cfg)
+    poison(trainer, {0}, kind)
     before = copy.deepcopy(trainer.state())
     views, _ = next(trainer.batches.epoch(0))
-    out = trainer._step(views)
-    assert out == {"skipped": "non-finite gradient" if "grad" in hook else "non-finite loss"}
+    out = train_step(trainer, views)
+    assert out == {"skipped": "non-finite gradient" if kind == "grad" else "non-finite loss"}
     after = trainer.state()
     for net in ("student", "teacher"):
         assert all(torch.equal(before[net][k], after[net][k]) for k in before[net])
     assert torch.equal(before["dino_loss"]["center"], after["dino_loss"]["center"])
     assert after["optimizer"]["state"] == {} and trainer.loss_fn._pending is None
     trainer.iteration = 1
-    assert "loss" in trainer._step(views)  # the next step is a normal one
+    assert "loss" in train_step(trainer, views)  # the next step is a normal one
     assert not torch.equal(trainer.loss_fn.center, before["dino_loss"]["center"])
 
 
 def test_persistent_non_finite_loss_stops_the_run(clean, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("DINO_TEST_NAN_AT", "2-100")
+    install_nan(monkeypatch, range(2, 101))
     run = tmp_path / "run"
     assert train(clean, run, "--epochs", "3", "--max-bad-steps", "3") == 2
     err = capsys.readouterr().err
@@ -264,21 +265,6 @@ def test_persistent_non_finite_loss_stops_the_run(clean, tmp_path, monkeypatch, 
     assert state["iteration"] == 2 and all_finite(state)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "skipped" in r] == [2, 3, 4]
-
-
-def test_test_hook_parsing() -> None:
-    assert _parse_nan_hook("") == ("loss", set())
-    assert _parse_nan_hook("5") == ("loss", {5})
-    assert _parse_nan_hook("5-7,9") == ("loss", {5, 6, 7, 9})
-    assert _parse_nan_hook("grad:2-3") == ("grad", {2, 3})
-    assert _parse_kill_hook("7") == (7, "step")
-    assert _parse_kill_hook("7:saving") == (7, "saving")
-    assert _parse_kill_hook("") is None
-    for bad in ("x", "weights:3"):
-        with pytest.raises(DinoError, match="DINO_TEST_NAN_AT"):
-            _parse_nan_hook(bad)
-    with pytest.raises(DinoError, match="DINO_TEST_KILL_AT"):
-        _parse_kill_hook("3:later")
 
 
 # ---------------------------------------------------------------- a full disk

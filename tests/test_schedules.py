@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from dino.config import load_config
-from dino.training.schedules import cosine_schedule, linear_warmup_then_constant
-from dino.training.setup import Schedules
+from dino.training.schedules import Schedules, cosine_schedule, linear_warmup_then_constant
 
 
 def test_cosine_without_warmup() -> None:

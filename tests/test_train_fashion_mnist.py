@@ -16,7 +16,7 @@ import pytest
 
 from dino.config import load_config
 from dino.data.datasets import FASHION_MNIST_DIRS
-from dino.training.loop import Trainer
+from dino.training import Trainer
 
 pytestmark = pytest.mark.skipif(
     not any((d / "train-images-idx3-ubyte.gz").exists() for d in FASHION_MNIST_DIRS),

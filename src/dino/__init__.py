@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
-    """Run DINO pretraining as ``dino train`` does (see :func:`dino.training.loop.train`).
+    """Run DINO pretraining as ``dino train`` does (see :func:`dino.training.train`).
 
     Args:
         cfg: the run's configuration, e.g. ``dino.load_config("vit_small_100ep", {"data":
@@ -40,7 +40,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     Returns the results also written to ``results.json`` (final weighted k-NN when the data has
     labels).
     """
-    from dino.training.loop import train as _train
+    from dino.training import train as _train
 
     return _train(cfg, resume)
 

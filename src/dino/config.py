@@ -1,7 +1,7 @@
 """Configuration: one typed dataclass tree, loadable from YAML, overridable from the command line.
 
 The dataclass defaults are the reference code's recipe (ViT-S/16 on ImageNet-sized images,
-RECIPE.md). Presets in ``dino/presets/*.yaml`` override some of them; ``fashion-mnist`` is the
+docs/recipe.md). Presets in ``dino/presets/*.yaml`` override some of them; ``fashion-mnist`` is the
 built-in CPU run. Every leaf field has a unique name, which is also its command-line flag
 (``patch_size`` -> ``--patch-size``) and its help text is the field's ``help`` metadata.
 """

@@ -31,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dino.training.distributed import env_world
+    from dino.devices import launch_env
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    rank, world = env_world()
+    rank, world = launch_env().rank, launch_env().world
     try:
         check_flags(args)
         return args.run(args)

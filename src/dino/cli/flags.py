@@ -148,7 +148,7 @@ def add_loader_flags(p: argparse.ArgumentParser, batch_size: int = 128) -> None:
 
 def load_weights(args: argparse.Namespace) -> Any:
     """The frozen backbone the weights flags name."""
-    from dino.eval.views import resolve_device
+    from dino.devices import resolve_device
     from dino.models.weights import RANDOM, load_backbone
 
     if args.like and args.weights != RANDOM:

@@ -89,7 +89,8 @@ def train(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc != 1:
         if args.nproc < 1:
             raise DinoError(f"--nproc must be at least 1, got {args.nproc}")
-        from dino.training.distributed import default_run_dir, launch, split_nproc
+        from dino.training.distributed import launch, split_nproc
+        from dino.training.run_state import default_run_dir
 
         worker_argv = split_nproc(args.argv)
         if not launch_dir:

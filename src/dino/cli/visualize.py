@@ -78,7 +78,7 @@ def register(sub: Any) -> None:
 
 def attention(args: argparse.Namespace) -> int:
     from dino.data.datasets import image_paths
-    from dino.eval.views import resolve_device
+    from dino.devices import resolve_device
     from dino.viz.attention import default_image_size, save_attention_maps
 
     backbone = load_weights(args)
@@ -111,7 +111,7 @@ def attention(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from dino.eval.views import resolve_device
+    from dino.devices import resolve_device
     from dino.viz.report import write_report
 
     res = write_report(

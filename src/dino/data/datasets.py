@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dino.data.seeding import sample_seed
+from dino.devices import launch_env
 from dino.errors import DinoError
 
 FASHION_MNIST_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
@@ -248,11 +249,15 @@ def decode_bad(reports: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
     return [(str(p), str(r)) for text in reports if text for p, r in json.loads(text)]
 
 
-def default_num_workers() -> int:
-    """DataLoader workers per process: all cores but one for the training process, at most 8."""
+def loader_workers(requested: int) -> int:
+    """DataLoader workers per process: ``requested`` when it is 0 or more (``--num-workers``),
+    else (-1) this machine's share: all its cores but one for the process itself, divided among
+    the processes torchrun started on it, at most 8."""
+    if requested >= 0:
+        return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, (cores or 1) // max(world, 1) - 1))
+    local_world = launch_env().local_world
+    return max(1, min(8, (cores or 1) // max(local_world, 1) - 1))
 
 
 @dataclass
@@ -272,6 +277,18 @@ def _head(ds: TensorImages | ImageFiles | None, n: int) -> TensorImages | ImageF
         labels = None if ds.labels is None else ds.labels[:n]
         return TensorImages(ds.images[:n], labels, ds.classes, ds.name)
     files = (ds.files[:n], ds.labels[:n], ds.classes)
+    return ImageFiles(ds.root, ds.transform, ds.seed, files=files)
+
+
+def shard(ds: TensorImages | ImageFiles, rank: int, world: int) -> TensorImages | ImageFiles:
+    """Samples ``rank, rank + world, rank + 2 world, ...`` of ``ds``: process ``rank``'s share
+    of an evaluation."""
+    if world == 1:
+        return ds
+    if isinstance(ds, TensorImages):
+        labels = None if ds.labels is None else ds.labels[rank::world]
+        return TensorImages(ds.images[rank::world], labels, ds.classes, ds.name)
+    files = (ds.files[rank::world], ds.labels[rank::world], ds.classes)
     return ImageFiles(ds.root, ds.transform, ds.seed, files=files)
 
 

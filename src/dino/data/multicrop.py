@@ -1,4 +1,5 @@
-"""Multi-crop augmentation of one PIL image with torchvision transforms v2 (RECIPE.md).
+"""Multi-crop augmentation of one PIL image with torchvision transforms v2 (docs/recipe.md,
+"Multi-crop views").
 
 Two global views (blur p 1.0 / 0.1, solarize p 0 / 0.2) and N local views (blur p 0.5), each with
 bicubic RandomResizedCrop, flip, color jitter, grayscale and normalization. Callers seed torch's

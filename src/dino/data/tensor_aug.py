@@ -1,8 +1,9 @@
 """Batched multi-crop augmentation on tensors, on the training device.
 
-The same per-view pipeline as :mod:`dino.data.multicrop` (RECIPE.md): RandomResizedCrop (bicubic,
-antialiased), horizontal flip, color jitter (random order of brightness, contrast, saturation,
-hue), grayscale, Gaussian blur, solarization, normalization, but applied to a whole batch at once.
+The same per-view pipeline as :mod:`dino.data.multicrop` (docs/recipe.md, "Multi-crop views"):
+RandomResizedCrop (bicubic, antialiased), horizontal flip, color jitter (random order of brightness,
+contrast, saturation, hue), grayscale, Gaussian blur, solarization, normalization, but applied to a
+whole batch at once.
 Random parameters come from :mod:`dino.data.seeding`, one key per (seed, epoch, sample, view),
 so a sample's views are the same whatever the batch it lands in.
 

@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from dino.config import check_value
 from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, decode_bad, fashion_mnist
+from dino.devices import resolve_device
 from dino.errors import DinoError
-from dino.eval.features import extract
+from dino.eval.features import extract, loader_batches
 from dino.eval.neighbors import weighted_knn
 from dino.eval.views import (
     Data,
@@ -35,10 +36,8 @@ from dino.eval.views import (
     eval_transform,
     num_classes,
     open_labeled,
-    resolve_device,
     resolve_view,
     with_transform,
-    workers,
 )
 from dino.models.weights import load_backbone
 
@@ -96,7 +95,8 @@ def knn_eval(
     subset: int = 0,
     chunk: int = 256,
 ) -> dict[str, Any]:
-    """Weighted k-NN accuracy of frozen features (RECIPE.md): bank = train split, queries = val.
+    """Weighted k-NN accuracy of frozen features (docs/recipe.md, "Evaluation protocols"):
+    bank = train split, queries = val.
 
     Args:
         backbone: a module or weights for :func:`dino.load_backbone`.
@@ -200,15 +200,10 @@ def extract_features(
                 labels.append(y.cpu())
                 bar.update(x.shape[0])
         else:
-            loader = torch.utils.data.DataLoader(
-                with_transform(ds, eval_transform(view)),
-                batch_size=batch_size,
-                num_workers=workers(num_workers),
-                pin_memory=dev.type == "cuda",
-            )
+            dataset = with_transform(ds, eval_transform(view))
             start = 0
-            for x, y, bad_paths in loader:
-                feats.append(model(x.to(dev)).float().cpu())
+            for x, y, bad_paths in loader_batches(dataset, batch_size, num_workers, dev):
+                feats.append(model(x).float().cpu())
                 labels.append(torch.as_tensor(y))
                 for j, b in enumerate(bad_paths):
                     # an unreadable image was replaced by the next readable one: drop its row

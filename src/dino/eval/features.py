@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino.data.datasets import ImageFiles, TensorImages
+from dino.data.datasets import TensorImages, loader_workers
 
 
 def tensor_eval_batches(
@@ -41,15 +41,20 @@ def tensor_eval_batches(
         yield (x - m) / s, labels[start : start + batch_size]
 
 
-def file_eval_batches(
-    ds: ImageFiles, batch_size: int, num_workers: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (eval views, labels) of a folder; ``ds.transform`` must be the eval transform."""
+def loader_batches(
+    dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Batches ``(views on device, labels, bad)`` of a dataset of ``(view, label, bad)`` items
+    (:class:`~dino.data.datasets.ImageFiles` with the eval transform), in dataset order;
+    ``num_workers`` -1 picks :func:`~dino.data.datasets.loader_workers`."""
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=batch_size,
+        num_workers=loader_workers(num_workers),
+        pin_memory=device.type == "cuda",
     )
-    for x, y, _bad in loader:
-        yield x.to(device, non_blocking=True), torch.as_tensor(y)
+    for x, y, bad in loader:
+        yield x.to(device, non_blocking=True), torch.as_tensor(y), list(bad)
 
 
 @torch.no_grad()

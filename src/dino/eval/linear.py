@@ -1,4 +1,4 @@
-"""Linear probe of a frozen backbone (RECIPE.md, "Evaluation protocols").
+"""Linear probe of a frozen backbone (docs/recipe.md, "Evaluation protocols").
 
 A linear layer is trained on frozen features: for ViTs the [CLS] tokens of the last ``n`` blocks
 (after the final norm) concatenated, optionally with the average-pooled patch tokens of the last
@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dino.atomic_files import atomic_write, save_torch
 from dino.config import check_value
+from dino.data.datasets import loader_workers
+from dino.devices import resolve_device
 from dino.errors import DinoError
 from dino.eval.api import as_backbone, features_of, run_config_of
 from dino.eval.views import (
@@ -37,13 +40,10 @@ from dino.eval.views import (
     eval_batches,
     num_classes,
     open_labeled,
-    resolve_device,
     resolve_view,
     train_transform,
     with_transform,
-    workers,
 )
-from dino.training.checkpoint import atomic_write, save_torch
 
 log = logging.getLogger("dino")
 
@@ -242,7 +242,7 @@ def linear_probe(
             loader = torch.utils.data.DataLoader(
                 train_ds,
                 batch_sampler=EpochBatches(len(train), batch_size, epoch, seed),
-                num_workers=workers(num_workers),
+                num_workers=loader_workers(num_workers),
                 pin_memory=dev.type == "cuda",
             )
             batches = ((probe(x.to(dev, non_blocking=True)), y.to(dev)) for x, y, _bad in loader)

@@ -1,4 +1,4 @@
-"""Weighted k-NN classification of features (RECIPE.md, "Evaluation protocols").
+"""Weighted k-NN classification of features (docs/recipe.md, "Evaluation protocols").
 
 Each of the k nearest bank features (cosine similarity of L2-normalized features) votes for its
 label with weight ``exp(sim / T)``; the class with the largest total wins. Queries are processed

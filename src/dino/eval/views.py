@@ -1,9 +1,10 @@
 """What the evaluations feed a frozen backbone: the datasets, the eval and train views, batches.
 
-The eval view is RECIPE.md's: resize the shorter side (bicubic), center-crop, normalize. Its sizes
-and statistics come, in order, from explicit arguments, the ``dino train`` run that wrote the
-weights (its ``data`` config), the ``fashion-mnist`` preset for the built-in data set (28x28, no
-resize), else the reference protocol (256 -> 224, ImageNet statistics).
+The eval view is the reference protocol's (docs/recipe.md, "Evaluation protocols"): resize the
+shorter side (bicubic), center-crop, normalize. Its sizes and statistics come, in order, from
+explicit arguments, the ``dino train`` run that wrote the weights (its ``data`` config), the
+``fashion-mnist`` preset for the built-in data set (28x28, no resize), else the reference protocol
+(256 -> 224, ImageNet statistics).
 """
 
 from __future__ import annotations
@@ -13,24 +14,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from dino.data import multicrop
-from dino.data.datasets import (
-    BUILTIN,
-    ImageFiles,
-    TensorImages,
-    default_num_workers,
-    open_training_data,
-)
+from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, open_training_data
+from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.data.seeding import sample_seed
 from dino.errors import DinoError
-from dino.eval.features import tensor_eval_batches
-from dino.training import setup
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from dino.eval.features import loader_batches, tensor_eval_batches
 
 Data = TensorImages | ImageFiles
 
@@ -162,11 +154,6 @@ class EpochBatches(torch.utils.data.Sampler):
         return -(-self.n // self.batch_size)
 
 
-def workers(num_workers: int) -> int:
-    """``-1`` -> the default worker count of this machine."""
-    return default_num_workers() if num_workers < 0 else num_workers
-
-
 def eval_batches(
     data: Data,
     view: EvalView,
@@ -180,14 +167,9 @@ def eval_batches(
             data, view.resize, view.crop, view.mean, view.std, batch_size, device
         )
         return
-    loader = DataLoader(
-        with_transform(data, eval_transform(view)),
-        batch_size=batch_size,
-        num_workers=workers(num_workers),
-        pin_memory=device.type == "cuda",
-    )
-    for x, y, _bad in loader:
-        yield x.to(device, non_blocking=True), torch.as_tensor(y)
+    dataset = with_transform(data, eval_transform(view))
+    for x, y, _bad in loader_batches(dataset, batch_size, num_workers, device):
+        yield x, y
 
 
 def labels_of(data: Data) -> torch.Tensor:
@@ -216,8 +198,3 @@ def open_labeled(data: str, subset: int = 0) -> tuple[Data, Data]:
             "subfolder of images per class, or use --data fashion-mnist"
         )
     return d.knn_bank, d.knn_query
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else the CPU."""
-    return setup.resolve_device(name, setup.Dist())

@@ -23,10 +23,11 @@ from dino.loss.centering import TeacherCentering
 
 @dataclass
 class LossStats:
-    """Collapse diagnostics of one step (RECIPE.md): uniform output has entropy log K and KL 0;
-    one dominating dimension has entropy 0 and KL 0. ``batch_entropy`` is the entropy of the
-    teacher distribution averaged over the batch: near log K while samples use different
-    dimensions, it falls with the per-sample entropy when one dimension dominates them all."""
+    """Collapse diagnostics of one step (docs/recipe.md, "Loss, centering and sharpening"):
+    uniform output has entropy log K and KL 0; one dominating dimension has entropy 0 and KL 0.
+    ``batch_entropy`` is the entropy of the teacher distribution averaged over the batch: near
+    log K while samples use different dimensions, it falls with the per-sample entropy when one
+    dimension dominates them all."""
 
     teacher_entropy: torch.Tensor
     kl: torch.Tensor

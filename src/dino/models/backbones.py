@@ -4,13 +4,13 @@ Every backbone built here maps a batch of normalized images ``[B, 3, H, W]`` to 
 vector per image ``[B, D]`` and exposes ``embed_dim`` (``D``):
 
 * our ViT names (``vit_tiny``, ``vit_small``, ``vit_base``) with any patch size, built with timm's
-  :class:`~timm.models.vision_transformer.VisionTransformer` exactly as RECIPE.md defines them
-  (depth 12, MLP ratio 4, qkv bias, LayerNorm eps 1e-6); the feature is the [CLS] token after the
-  final norm and the learned positional embedding is bicubic-interpolated to the patch grid of any
-  input size, so one network takes both global and local crops; ``registers`` adds register
-  tokens ("Vision Transformers Need Registers", Darcet et al. 2024): learned tokens after [CLS]
-  that the blocks may use as scratch space, with no positional embedding and in no output
-  (neither the feature nor the patch tokens nor the attention maps);
+  :class:`~timm.models.vision_transformer.VisionTransformer` exactly as docs/recipe.md ("Networks")
+  defines them (depth 12, MLP ratio 4, qkv bias, LayerNorm eps 1e-6); the feature is the [CLS]
+  token after the final norm and the learned positional embedding is bicubic-interpolated to the
+  patch grid of any input size, so one network takes both global and local crops; ``registers``
+  adds register tokens ("Vision Transformers Need Registers", Darcet et al. 2024): learned tokens
+  after [CLS] that the blocks may use as scratch space, with no positional embedding and in no
+  output (neither the feature nor the patch tokens nor the attention maps);
 * any other timm model name (``convnext_tiny``, ``vit_small_patch16_224`` ...), classifier removed;
 * torchvision convnets as ``tv:<name>`` (``tv:resnet50``), classifier replaced by identity.
 """
@@ -24,7 +24,7 @@ from torch import nn
 
 from dino.errors import DinoError
 
-#: (embedding dim, heads) of the ViT sizes of RECIPE.md.
+#: (embedding dim, heads) of the ViT sizes of docs/recipe.md, "Networks".
 VIT_SIZES: dict[str, tuple[int, int]] = {
     "vit_pico": (96, 3),  # not in the paper: for small images on a CPU
     "vit_nano": (128, 4),  # not in the paper: for small images on a CPU

@@ -42,9 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 from dino.models.backbones import VIT_SIZES
-from dino.models.weights import IMAGENET_MEAN, IMAGENET_STD, WeightsInfo, load_backbone
+from dino.models.weights import WeightsInfo, load_backbone
 
 log = logging.getLogger("dino")
 

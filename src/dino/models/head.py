@@ -1,4 +1,4 @@
-"""The DINO projection head (RECIPE.md, "Networks")."""
+"""The DINO projection head (docs/recipe.md, "Networks")."""
 
 from __future__ import annotations
 

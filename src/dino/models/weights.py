@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 from dino.models.backbones import VIT_SIZES, build_backbone
 
@@ -65,10 +66,6 @@ REFERENCE_MODELS: dict[str, dict[str, Any]] = {
         "patch_size": None,
     },
 }
-
-#: Normalization of the reference models' inputs (ImageNet statistics).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: torchvision ResNets by (block kind, blocks per stage).
 _RESNETS: dict[tuple[str, tuple[int, ...]], str] = {

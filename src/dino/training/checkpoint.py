@@ -1,4 +1,4 @@
-"""Atomic checkpoint files: write to a temporary file, flush to disk, rename.
+"""Checkpoint files, written atomically (:mod:`dino.atomic_files`).
 
 A kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
 ``checkpoint.pth`` is always the latest; with ``keep > 0`` the previous ones stay as
@@ -8,70 +8,23 @@ whose ``checkpoint.pth`` is missing or unreadable falls back to the newest loada
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from dino.atomic_files import save_torch
 from dino.errors import DinoError
 
 LATEST = "checkpoint.pth"
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
 
 log = logging.getLogger("dino")
-
-BeforeRename = Callable[[IO[bytes]], None]
-
-
-def atomic_write(
-    path: str | Path,
-    write: Callable[[IO[bytes]], Any],
-    before_rename: BeforeRename | None = None,
-) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over
-    ``path``. On any failure the temporary file is removed and ``path`` is untouched.
-
-    ``before_rename(file)``, if given, runs after ``write`` and before the flush and rename: a
-    testing hook (the tests kill the process there to check that a torn write is harmless).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            if before_rename is not None:
-                before_rename(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise DinoError(
-                f"no space left on the disk to write {path}; the previous file was kept, free "
-                "some space and resume"
-            ) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def save_torch(obj: Any, path: str | Path, before_rename: BeforeRename | None = None) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f), before_rename)
 
 
 def rng_state() -> dict[str, Any]:
@@ -93,23 +46,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    state: dict[str, Any],
-    run_dir: str | Path,
-    keep: int = 0,
-    before_rename: BeforeRename | None = None,
-) -> Path:
-    """Write ``state`` as the latest checkpoint of ``run_dir``; keep ``keep`` older ones.
-
-    ``before_rename`` is :func:`atomic_write`'s testing hook.
-    """
+def save_checkpoint(state: dict[str, Any], run_dir: str | Path, keep: int = 0) -> Path:
+    """Write ``state`` as the latest checkpoint of ``run_dir`` (atomically, see
+    :mod:`dino.atomic_files`); keep ``keep`` older ones."""
     run_dir = Path(run_dir)
     latest = run_dir / LATEST
     if keep <= 0:
-        save_torch(state, latest, before_rename)
+        save_torch(state, latest)
         return latest
     numbered = run_dir / f"checkpoint-{int(state['iteration']):08d}.pth"
-    save_torch(state, numbered, before_rename)
+    save_torch(state, numbered)
     tmp = run_dir / f".{LATEST}.link-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     os.link(numbered, tmp)

@@ -2,8 +2,8 @@
 
 A run on ``W`` processes is started by PyTorch's own launcher, torchrun
 (``torch.distributed.run``), either directly or through ``dino train --nproc N``
-(:func:`launch`). Every process joins the process group (:func:`dino.training.setup.
-setup_distributed`): NCCL on GPUs, gloo on CPUs.
+(:func:`launch`). Every process joins the process group (:func:`setup_distributed`): NCCL on
+GPUs, gloo on CPUs.
 
 When one process dies, torchrun notices within its monitor interval (0.1 s), stops the others
 and prints a report whose root cause names the rank that failed and why (signal, exception with
@@ -14,13 +14,14 @@ blames the process that failed and not one that merely lost contact with it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import sys
 import time
-from datetime import datetime, timedelta
-from functools import lru_cache
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +29,67 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dino.devices import launch_env
 from dino.errors import DinoError
 
 TIMEOUT_ENV = "DINO_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
-FAULT_ENV = "DINO_FAULT_INJECT"
 PEER_FAILURE_WAIT_S = 5.0
 
 
-# ---------------------------------------------------------------- environment
+# ---------------------------------------------------------------- the process group
 
 
-def env_world() -> tuple[int, int]:
-    """``(rank, world size)`` that torchrun gives this process; ``(0, 1)`` outside torchrun."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+@dataclass
+class Dist:
+    """The process group of this run (world 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        """Leave the process group if :func:`setup_distributed` created it (end of a run)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group that torchrun describes in the environment, if any.
+
+    NCCL when the run uses GPUs (process ``LOCAL_RANK`` of a node takes GPU ``LOCAL_RANK``),
+    gloo on CPUs. Collectives fail after ``DINO_DIST_TIMEOUT`` seconds (default 600) instead of
+    torch's 30 minutes when a process hangs. Processes other than rank 0 log errors only.
+    """
+    env = launch_env()
+    if env.world <= 1:
+        return Dist()
+    rank, local_rank = env.rank, env.local_rank
+    use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DinoError(
+                f"process rank {rank} is local process {local_rank} of its machine but only "
+                f"{torch.cuda.device_count()} GPU(s) are visible; start at most that many "
+                "processes per machine (--nproc / --nproc-per-node) or use --device cpu"
+            )
+        torch.cuda.set_device(local_rank)
+    if rank != 0:
+        logging.getLogger("dino").setLevel(logging.ERROR)
+    owns = False
+    if not dist.is_initialized():
+        extra = {"device_id": torch.device("cuda", local_rank)} if use_cuda else {}
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=collective_timeout(), **extra
+        )
+        owns = True
+    return Dist(rank, env.world, local_rank, owns)
 
 
 def collective_timeout() -> timedelta:
@@ -85,7 +133,7 @@ def launch(nproc: int, worker_argv: list[str], run_dir: str | None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    if env_world()[1] > 1:
+    if launch_env().world > 1:
         raise DinoError("--nproc starts torchrun itself; drop it when running under torchrun")
     # torchrun would set 1 thread per process; share the cores instead (CPU runs need them)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -123,12 +171,6 @@ def launch(nproc: int, worker_argv: list[str], run_dir: str | None) -> int:
     return 0
 
 
-def default_run_dir() -> str:
-    """The run folder of a run without ``--output-dir``; chosen once by the launcher so that
-    every process agrees on it."""
-    return f"runs/{datetime.now():%Y%m%d-%H%M%S}"
-
-
 # ---------------------------------------------------------------- failures
 
 
@@ -158,8 +200,9 @@ def worker_failed(exc: BaseException) -> None:
     5 s for torchrun to stop it (torchrun then reports the process that failed first as the root
     cause), then exits with code 1. Any other exception goes to torchrun's error file and the
     caller re-raises it."""
-    rank, world = env_world()
-    if world <= 1:
+    env = launch_env()
+    rank = env.rank
+    if env.world <= 1:
         return
     if not is_comm_error(exc):
         record_failure(exc)
@@ -180,26 +223,6 @@ def worker_failed(exc: BaseException) -> None:
     record_failure(exc)
     sys.stderr.flush()
     os._exit(1)  # skip interpreter teardown: it may block on the broken process group
-
-
-@lru_cache(maxsize=1)
-def _fault_plan() -> tuple[int, int, str] | None:
-    raw = os.environ.get(FAULT_ENV, "")
-    if not raw:
-        return None
-    parts = raw.split(":")
-    return int(parts[0]), int(parts[1]), parts[2] if len(parts) > 2 else "kill"
-
-
-def inject_fault(rank: int, iteration: int) -> None:
-    """Test hook: ``DINO_FAULT_INJECT=RANK:ITERATION[:kill|raise]`` makes process ``RANK``
-    SIGKILL itself (or raise) when it reaches ``ITERATION``. Unset in normal runs."""
-    plan = _fault_plan()
-    if plan is None or plan[:2] != (rank, iteration):
-        return
-    if plan[2] == "raise":
-        raise RuntimeError(f"injected failure at iteration {iteration} ({FAULT_ENV})")
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- collectives

@@ -1,4 +1,5 @@
-"""Collapse and divergence monitoring from the loss statistics (RECIPE.md).
+"""Collapse and divergence monitoring from the loss statistics (docs/recipe.md, "Loss,
+centering and sharpening").
 
 Two ways DINO collapses, both visible within the first epoch:
 

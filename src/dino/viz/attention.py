@@ -1,4 +1,4 @@
-"""Self-attention maps of a ViT (RECIPE.md, "Self-attention maps").
+"""Self-attention maps of a ViT (docs/recipe.md, "Evaluation protocols").
 
 The map of a head is the attention of the [CLS] query to every patch in the last block:
 ``softmax(q_cls k^T / sqrt(d))`` over the tokens, computed explicitly here (the fused kernels
@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from dino.data.datasets import BadImage, load_image
+from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 
 #: Anchor colors of the heat-map color scale (dark blue -> purple -> orange -> light yellow).
@@ -264,8 +265,8 @@ def save_attention_maps(
     if not 0 < threshold <= 1:
         raise DinoError(f"threshold must be in (0, 1], got {threshold}")
     info = getattr(model, "weights_info", None)
-    mean = mean or (info.mean if info else (0.485, 0.456, 0.406))
-    std = std or (info.std if info else (0.229, 0.224, 0.225))
+    mean = mean or (info.mean if info else IMAGENET_MEAN)
+    std = std or (info.std if info else IMAGENET_STD)
     patch = vit_patch_size(model)
     if isinstance(image, Image.Image):
         pil = image

@@ -1,0 +1,81 @@
+"""The weighted k-NN evaluation during training, shared among the processes of a run: each
+process extracts the features of every ``world``-th image, rank 0 gathers them and votes."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dino.config import Config
+from dino.data.datasets import TensorImages, TrainingData, shard
+from dino.eval.features import extract
+from dino.eval.neighbors import weighted_knn
+from dino.eval.views import EvalView, eval_batches
+from dino.training.distributed import Dist, gather_strided
+
+
+def teacher_knn(
+    backbone: nn.Module,
+    data: TrainingData,
+    cfg: Config,
+    d: Dist,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> dict[str, dict[str, float]] | None:
+    """Weighted k-NN accuracy of ``backbone``'s features (bank: ``data.knn_bank``, queries:
+    ``data.knn_query``) on rank 0; None on the other ranks or without labeled data.
+
+    Runs with forked random generators, so that it changes nothing of the training."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return _knn(backbone, data, cfg, d, device, autocast_dtype)
+
+
+@torch.no_grad()
+def _knn(
+    backbone: nn.Module,
+    data: TrainingData,
+    cfg: Config,
+    d: Dist,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> dict[str, dict[str, float]] | None:
+    bank_ds, query_ds = data.knn_bank, data.knn_query
+    if bank_ds is None or query_ds is None:
+        return None
+    dc = cfg.data
+    view = EvalView(dc.eval_resize, dc.eval_crop, list(dc.mean), list(dc.std))
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for ds in (bank_ds, query_ds):
+        part = shard(ds, d.rank, d.world)
+        bar = tqdm(
+            total=len(part),
+            desc=f"k-NN features {getattr(ds, 'name', '')}",
+            leave=False,
+            disable=not d.main or not sys.stderr.isatty(),
+        )
+        batch_size = 512 if isinstance(part, TensorImages) else 128
+        batches = eval_batches(part, view, batch_size, dc.num_workers, device)
+        f, y = extract(backbone, batches, autocast_dtype, bar.update)
+        bar.close()
+        if d.world > 1:  # all samples on rank 0, in dataset order, as one process has them
+            f, y = gather_strided(f, len(ds)), gather_strided(y, len(ds))
+        feats.append((f, y))
+    backbone.train(was_training)
+    if not d.main:
+        return None
+    (fb, yb), (fq, yq) = feats
+    return weighted_knn(
+        fb.to(device),
+        yb.to(device),
+        fq.to(device),
+        yq.to(device),
+        cfg.run.knn_k,
+        cfg.run.knn_temp,
+        num_classes=len(bank_ds.classes) or None,
+    )

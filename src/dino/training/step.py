@@ -1,0 +1,148 @@
+"""One DINO training step, :func:`train_step`, read top to bottom as in nanoGPT's ``train.py``.
+
+The loss (Caron et al. 2021, eq. 1 and docs/recipe.md, "Loss") is the cross-entropy between the
+teacher's sharpened, centered output on the two global views and the student's output on every
+other view. The student learns by gradient descent; the teacher is an exponential moving average
+(EMA) of the student; the center is an EMA of the teacher's batch outputs.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dino.data.seeding import sample_keys
+from dino.models.multicrop import same_size_runs
+from dino.training.distributed import all_mean
+
+if TYPE_CHECKING:
+    from dino.training.trainer import Trainer
+
+
+def train_step(t: Trainer, views: list[torch.Tensor]) -> dict[str, Any]:
+    """One optimization step of the trainer ``t`` at iteration ``t.iteration`` on a batch of
+    multi-crop ``views`` (the two global views first). Returns the step's statistics, or
+    ``{"skipped": reason}`` when the loss or a gradient was not finite: then nothing changes
+    (weights, optimizer, teacher, center), except that an fp16 loss scale is lowered."""
+    it = t.iteration
+    # drop path draws from torch's generator: seeding it from the iteration makes every step
+    # independent of what ran before it (resume, k-NN evaluation, DataLoader start-up)
+    torch.manual_seed(step_seed(t.cfg.run.seed, t.d.rank, it))
+    for group in t.optimizer.param_groups:  # this iteration's schedules
+        group["lr"] = float(t.sched.lr[it])
+        if group["apply_wd"]:
+            group["weight_decay"] = float(t.sched.wd[it])
+    with t.autocast(), torch.no_grad():  # teacher: global views only
+        teacher_out = t.teacher(views[:2])
+    targets = t.loss_fn.targets(teacher_out, float(t.sched.teacher_temp[it]))
+    t.optimizer.zero_grad(set_to_none=True)
+    # the student's views one resolution at a time, each part backpropagated before the next
+    # part's forward: the loss is a sum over views, and one resolution's activations are alive
+    # at a time instead of all of them (DDP averages the gradients on the last part)
+    parts = student_parts(t, views)
+    loss = torch.zeros((), device=t.device)
+    for k, (first, end) in enumerate(parts):
+        no_sync = getattr(t.student_ddp, "no_sync", None)
+        with nullcontext() if k == len(parts) - 1 or no_sync is None else no_sync():
+            with t.autocast():
+                out = t.student_ddp(views[first:end])
+                part = t.loss_fn.student_term(out, targets, first, len(views))
+            t.scaler.scale(part).backward()
+        loss = loss + part.detach()
+    stats = targets.stats(loss)
+    t.scaler.unscale_(t.optimizer)  # a no-op without fp16 loss scaling
+    grads = [p.grad for p in t.params if p.grad is not None]
+    norms = list(torch._foreach_norm(grads)) if grads else []
+    skipped = non_finite(loss, norms, t.d.world)
+    if skipped:  # every process takes the same decision
+        t.loss_fn.discard_center_update()
+        if t.scaler.is_enabled():
+            t.scaler.update()  # lowers the loss scale
+        t.optimizer.zero_grad(set_to_none=True)
+        return {"skipped": skipped}
+    if t.cfg.optim.clip_grad > 0:
+        clip_per_parameter(t.params, t.cfg.optim.clip_grad, norms)
+    if it / t.steps_per_epoch < t.cfg.optim.freeze_last_layer:  # the head's last layer waits
+        for p in t.last_layer:
+            p.grad = None
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    ema_update(t.teacher, t.student, float(t.sched.momentum[it]))
+    t.loss_fn.apply_center_update()
+    return summary(loss, stats, t.d.world)
+
+
+def student_parts(t: Trainer, views: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """``(first, end)`` of each run of same-sized views; all views at once when the head has
+    BatchNorm (its statistics are over all views, as in the reference code)."""
+    return [(0, len(views))] if t.head_has_bn else same_size_runs(views)
+
+
+def non_finite(loss: torch.Tensor, norms: list[torch.Tensor], world: int) -> str | None:
+    """Why the step must be skipped (a loss or gradient that is not finite on any process), or
+    None. ``norms``: the gradient norms."""
+    loss_finite = torch.isfinite(loss.detach()).all()
+    grads_finite = torch.isfinite(torch.stack(norms)).all() if norms else loss_finite
+    finite = torch.stack([loss_finite, grads_finite]).to(torch.float32)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    loss_ok, grads_ok = (bool(v) for v in finite.tolist())
+    if not loss_ok:
+        return "non-finite loss"
+    return None if grads_ok else "non-finite gradient"
+
+
+def summary(loss: torch.Tensor, stats: Any, world: int) -> dict[str, float]:
+    """The step's loss and teacher statistics, averaged over the processes (the global batch's
+    values, as one process would log them)."""
+    values = [loss.detach(), stats.teacher_entropy, stats.kl]
+    if stats.batch_entropy is not None:
+        values.append(stats.batch_entropy)
+    numbers = torch.stack([v.float() for v in values])
+    if world > 1:
+        numbers = all_mean(numbers)
+    names = ["loss", "teacher_entropy", "kl", "batch_entropy"]
+    return dict(zip(names, numbers.tolist(), strict=False))
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``theta_t <- m theta_t + (1 - m) theta_s`` for every parameter, in one foreach call."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+@torch.no_grad()
+def clip_per_parameter(
+    params: list[torch.Tensor], max_norm: float, norms: list[torch.Tensor] | None = None
+) -> None:
+    """Scale each parameter's gradient to norm at most ``max_norm`` (the reference's clipping).
+
+    ``norms``: the gradient norms of the parameters that have a gradient, if already computed.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    if norms is None:
+        norms = torch._foreach_norm(grads)
+    scale = torch.clamp(max_norm / (torch.stack(list(norms)) + 1e-6), max=1.0)
+    # Only the gradients above the limit are rewritten (one host sync to find them): scaling
+    # all of them by mostly 1.0 was a pass over the whole model (benchmarks/step_parts.py).
+    clipped = torch.nonzero(scale < 1.0).flatten().tolist()
+    if clipped:
+        torch._foreach_mul_([grads[i] for i in clipped], list(scale[clipped].unbind()))
+
+
+_STEP_STREAM = 0x5EED_0001
+
+
+def step_seed(seed: int, rank: int, iteration: int) -> int:
+    """The seed of torch's generator at ``iteration`` on process ``rank``."""
+    key = sample_keys(seed, iteration, np.array([rank]), stream=_STEP_STREAM)[0]
+    return int(key >> np.uint64(1))

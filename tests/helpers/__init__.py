@@ -1,0 +1,1 @@
+"""Test-only helpers: fault injection into training runs (the product has no hooks for it)."""
