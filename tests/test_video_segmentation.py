@@ -16,15 +16,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dino.cli import main
+from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
+from dino.eval.davis_scores import boundary_f, boundary_map, jaccard, summarize
 from dino.eval.video_segmentation import (
     LabelPropagation,
     TrackSettings,
     Video,
-    boundary_f,
-    boundary_map,
     davis_palette,
-    jaccard,
     labels_to_ids,
     propagate,
     read_mask,
@@ -190,6 +189,17 @@ def test_boundary_f_matches_an_independent_dilation():
         assert boundary_f(gt, pred) == pytest.approx(2 * precision * recall / (precision + recall))
 
 
+def test_overall_scores_are_means_over_objects():
+    # two objects: J per frame [1, 0.5] and [0, 0, 0.3, 0.3]; F per frame [1, 1] and all 0.6
+    res = summarize([([1.0, 0.5], [1.0, 1.0]), ([0.0, 0.0, 0.3, 0.3], [0.6] * 4), ([], [])])
+    assert res["objects"] == 2  # the object without a scored frame is skipped
+    assert res["J"] == pytest.approx((0.75 + 0.15) / 2)
+    assert res["F"] == pytest.approx((1.0 + 0.6) / 2)
+    assert res["J&F"] == pytest.approx((0.45 + 0.8) / 2)
+    assert res["J-recall"] == pytest.approx((0.5 + 0.0) / 2)  # share of frames above 0.5
+    assert summarize([])["J&F"] is None
+
+
 # ------------------------------------------------------------------ propagation
 
 
@@ -272,8 +282,8 @@ def test_read_mask_formats(tmp_path):
 def colour_class_features(x: torch.Tensor) -> torch.Tensor:
     """'Perfect' features: the one-hot colour class (background, red, blue) of each 8x8 patch,
     read from the normalized frame itself."""
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     rgb = (x * std + mean) * 255
     red = (rgb[0] > 170) & (rgb[2] < 90)
     blue = (rgb[2] > 170) & (rgb[0] < 90)
@@ -293,9 +303,14 @@ def test_perfect_features_give_jf_of_one(tmp_path):
         Image.fromarray(f).save(folder / f"{t:03d}.png")
         write_indexed_png(gt / f"{t:03d}.png", m, davis_palette())
     video = Video("aligned", sorted(folder.iterdir()), gt / "000.png", gt)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     entry = track_video(
-        video, colour_class_features, tmp_path / "out", 8, mean, std, TrackSettings(size=64)
+        video,
+        colour_class_features,
+        tmp_path / "out",
+        8,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        TrackSettings(size=64),
     )
     assert entry["scored_frames"] == 5  # all but the first and the last
     assert entry["J"] == 1.0 and entry["F"] == 1.0 and entry["J&F"] == 1.0

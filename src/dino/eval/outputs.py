@@ -1,12 +1,13 @@
 """Result files of the evaluations: never written over an earlier one, never left half-written.
 
 The dense evaluations (video segmentation, retrieval, copy detection) check their output paths
-before computing anything, and write each file to a temporary name that is renamed into place.
+before computing anything, and write each file atomically (:mod:`dino.atomic_files`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino.atomic_files import atomic_write
 from dino.errors import DinoError
 
 #: A backbone as the evaluation functions accept it: a module, weights for
@@ -32,24 +34,21 @@ def refuse_existing(path: str | Path | None, flag: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON (folders created; written to a temporary file, then renamed)."""
+    """Write ``obj`` as JSON (folders created; atomically: a kill leaves no torn file)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write(out, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write a CSV file (folders created; written to a temporary file, then renamed)."""
+    """Write a CSV file (folders created; atomically: a kill leaves no torn file)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    tmp.replace(out)
+    atomic_write(out, lambda f: f.write(buf.getvalue().encode()))
 
 
 def resolve_backbone(backbone: Backbone, device: torch.device) -> nn.Module:

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dino.data.datasets import IMAGE_EXTENSIONS, BadImage, load_image, loader_workers
+from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 from dino.eval.outputs import Backbone, refuse_existing, resolve_backbone, write_csv, write_json
 from dino.eval.patch_features import crop_to_patches
@@ -494,8 +495,6 @@ def _indices(g: dict[str, Any], keys: Sequence[str]) -> np.ndarray:
 
 def input_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input normalization (mean, std) of a loaded backbone: its run's, else ImageNet's."""
-    from dino.models.weights import IMAGENET_MEAN, IMAGENET_STD
-
     info = getattr(model, "weights_info", None)
     if info is None:
         return IMAGENET_MEAN, IMAGENET_STD
