@@ -3,6 +3,7 @@ tokens, iBOT's masked-patch loss and its block masks."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -12,12 +13,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers.faults import install_stop_before_step
 
+from dino.cli import main
 from dino.data.masking import block_mask, ibot_masks
 from dino.loss import DINOLoss, IBOTPatchLoss, koleo_loss, sinkhorn_knopp
 from dino.loss.ibot_patch import patch_weights
 from dino.models.backbones import build_backbone, vit_tokens
 from dino.models.weights import detect_arch, load_backbone
+from dino.training.checkpoint import load_checkpoint
 from dino.viz.attention import cls_attention
 
 torch.set_num_threads(1)
@@ -151,7 +155,8 @@ def test_registers_add_tokens_but_not_feature_size() -> None:
     x = torch.randn(2, 3, 28, 28)
     tokens = {}
     for name, model in (("plain", plain), ("reg", reg)):
-        hook = model.blocks[0].register_forward_hook(lambda m, i, o, n=name: tokens.setdefault(n, o))
+        keep = lambda m, i, o, n=name: tokens.setdefault(n, o)  # noqa: E731
+        hook = model.blocks[0].register_forward_hook(keep)
         with torch.no_grad():
             feature = model(x)
             cls, patches = vit_tokens(model, x)
@@ -296,3 +301,82 @@ def test_masks_are_a_function_of_the_generator_seed() -> None:
     b = ibot_masks(16, (4, 4), np.random.default_rng(7))
     c = ibot_masks(16, (4, 4), np.random.default_rng(8))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+# ---------------------------------------------------------------- in the training step
+
+TINY_RUN = [
+    "train", "--data", "fashion-mnist", "--subset", "64", "--arch", "vit_pico", "--depth", "1",
+    "--patch-size", "7", "--global-size", "28", "--local-size", "14", "--local-crops", "2",
+    "--out-dim", "32", "--head-hidden-dim", "32", "--head-bottleneck-dim", "16",
+    "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "0.5", "--precision", "fp32",
+    "--device", "cpu", "--log-every", "1", "--eval-every", "0", "--num-workers", "0",
+    "--tensorboard", "false", "--knn-k", "5", "--drop-path-rate", "0.1",
+]  # fmt: skip
+EVERY_ADDITION = [
+    "--koleo-weight", "0.1", "--ibot-weight", "1.0", "--registers", "2",
+    "--ibot-separate-head", "true",
+]  # fmt: skip
+
+
+def metric_rows(run) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def test_off_by_default_the_run_holds_nothing_of_the_additions(tmp_path) -> None:
+    main([*TINY_RUN, "--epochs", "1", "--output-dir", str(tmp_path / "run")])
+    state = load_checkpoint(tmp_path / "run")
+    assert "ibot_loss" not in state
+    assert not any(k.startswith(("mask_token", "patch_head")) for k in state["student"])
+    assert "backbone.reg_token" not in state["student"]
+    rows = metric_rows(tmp_path / "run")
+    assert rows and not any("koleo_loss" in r or "ibot_loss" in r for r in rows)
+
+
+def test_a_run_with_every_addition_trains_them_and_saves_them(tmp_path) -> None:
+    run = tmp_path / "run"
+    main([*TINY_RUN, *EVERY_ADDITION, "--centering", "sinkhorn", "--output-dir", str(run)])
+    rows = metric_rows(run)
+    assert len(rows) == 8
+    for r in rows:
+        assert math.isfinite(r["koleo_loss"]) and math.isfinite(r["ibot_loss"])
+        assert r["ibot_loss"] > 0
+    state = load_checkpoint(run)
+    student, teacher = state["student"], state["teacher"]
+    assert student["backbone.reg_token"].shape == (1, 2, 96)
+    assert student["mask_token"].abs().sum() > 0  # it learned (it starts at zero)
+    assert any(k.startswith("patch_head.") for k in student)
+    assert set(student) == set(teacher)
+    assert "ibot_loss" in state
+    # the exported teacher backbone loads with its registers, without mask token or heads
+    backbone = load_backbone(run / "teacher_backbone.pth")
+    assert backbone.reg_token.shape == (1, 2, 96)
+    net = build_backbone("vit_pico", 7, 28, depth=1, registers=2).eval()
+    net.load_state_dict({k[9:]: v for k, v in teacher.items() if k.startswith("backbone.")})
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), net(x), atol=1e-6, rtol=0)
+
+
+def test_resumed_run_with_ibot_and_koleo_matches_an_uninterrupted_one(
+    tmp_path, monkeypatch
+) -> None:
+    """The iBOT center, mask token and patch head are run state; a step's masks depend only on
+    (seed, iteration, process): a run stopped after step 3 and resumed ends bit-identical."""
+    args = [*TINY_RUN, *EVERY_ADDITION]
+    main([*args, "--output-dir", str(tmp_path / "ref")])
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        install_stop_before_step(m, 3)
+        with pytest.raises(SystemExit):
+            main([*args, "--output-dir", str(run)])
+    assert load_checkpoint(run)["iteration"] == 3
+    main(["train", "--resume", str(run)])
+    ref, got = load_checkpoint(tmp_path / "ref"), load_checkpoint(run)
+    for key in ("student", "teacher", "ibot_loss", "dino_loss"):
+        assert ref[key].keys() == got[key].keys()
+        for name in ref[key]:
+            assert torch.equal(ref[key][name], got[key][name]), (key, name)
+    assert torch.count_nonzero(got["ibot_loss"]["center"]) > 0
+    assert metric_rows(run) == metric_rows(tmp_path / "ref")

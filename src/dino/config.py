@@ -651,5 +651,10 @@ def validate(cfg: Config) -> None:
                 f"{name}={value} needs one of our ViTs (vit_pico ... vit_base), not "
                 f"arch={m.arch}; choose one or set --{name.replace('_', '-')} 0"
             )
+    if cfg.loss.ibot_weight and m.use_bn_in_head:
+        raise DinoError(
+            "ibot_weight needs a head without BatchNorm (the patch tokens would enter its "
+            "statistics); set --use-bn-in-head false or --ibot-weight 0"
+        )
     if m.init.startswith("timm:") and not m.init[5:]:
         raise DinoError("init timm: needs a model name, e.g. timm:vit_small_patch16_224")

@@ -18,6 +18,8 @@ log = logging.getLogger("dino")
 
 def build_networks(cfg: Config, load_init: bool = True) -> tuple[MultiCropNet, MultiCropNet]:
     """Student (with drop path) and teacher (a copy of it without drop path, no gradients).
+    With iBOT (``--ibot-weight``) both also hold a mask token and, with
+    ``--ibot-separate-head``, a patch head shaped as the DINO head.
 
     With ``cfg.model.init`` (and ``load_init``; a resumed run has its own weights) both
     backbones start from those pretrained weights (:func:`dino.models.weights.init_backbone`).
@@ -26,17 +28,28 @@ def build_networks(cfg: Config, load_init: bool = True) -> tuple[MultiCropNet, M
 
     def net(drop_path: float) -> MultiCropNet:
         backbone = build_backbone(
-            m.arch, m.patch_size, cfg.data.global_size, m.depth, drop_path_rate=drop_path
+            m.arch,
+            m.patch_size,
+            cfg.data.global_size,
+            m.depth,
+            drop_path_rate=drop_path,
+            registers=m.registers,
         )
-        head = DINOHead(
-            backbone.embed_dim,
-            m.out_dim,
-            m.head_hidden_dim,
-            m.head_bottleneck_dim,
-            use_bn=m.use_bn_in_head,
-            norm_last_layer=m.norm_last_layer,
-        )
-        return MultiCropNet(backbone, head)
+
+        def head() -> DINOHead:
+            return DINOHead(
+                backbone.embed_dim,
+                m.out_dim,
+                m.head_hidden_dim,
+                m.head_bottleneck_dim,
+                use_bn=m.use_bn_in_head,
+                norm_last_layer=m.norm_last_layer,
+            )
+
+        dino_head = head()
+        ibot = cfg.loss.ibot_weight > 0  # a mask token, and maybe a patch head of its own
+        patch_head = head() if ibot and cfg.loss.ibot_separate_head else None
+        return MultiCropNet(backbone, dino_head, ibot=ibot, patch_head=patch_head)
 
     student = net(m.drop_path_rate)
     check_input_sizes(student.backbone, cfg)

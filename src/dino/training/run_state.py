@@ -81,12 +81,15 @@ def open_run_dir(
 def state_dict(t: Trainer) -> dict[str, Any]:
     """The checkpoint of the trainer ``t`` at its current iteration."""
     t.loss_fn.apply_center_update()
+    t.additions.apply_center_update()
+    ibot = t.additions.ibot_loss
     return {
         "student": t.student.state_dict(),
         "teacher": t.teacher.state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict(),
         "dino_loss": t.loss_fn.state_dict(),
+        **({"ibot_loss": ibot.state_dict()} if ibot is not None else {}),
         "iteration": t.iteration,
         "epoch": t.iteration // t.steps_per_epoch,
         "world_size": t.d.world,
@@ -111,6 +114,8 @@ def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
         ) from None
     t.scaler.load_state_dict(s["scaler"])
     t.loss_fn.load_state_dict(s["dino_loss"])
+    if t.additions.ibot_loss is not None and "ibot_loss" in s:
+        t.additions.ibot_loss.load_state_dict(s["ibot_loss"])
     t.iteration = int(s["iteration"])
     t.bad_files.paths = list(s.get("bad_files", []))
     t.knn_history = list(s.get("knn_history", []))

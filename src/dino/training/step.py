@@ -3,7 +3,9 @@
 The loss (Caron et al. 2021, eq. 1 and docs/recipe.md, "Loss") is the cross-entropy between the
 teacher's sharpened, centered output on the two global views and the student's output on every
 other view. The student learns by gradient descent; the teacher is an exponential moving average
-(EMA) of the student; the center is an EMA of the teacher's batch outputs.
+(EMA) of the student; the center is an EMA of the teacher's batch outputs. DINOv2's KoLeo and
+iBOT terms join the loss of the student's global views when they are on
+(:mod:`dino.training.additions`).
 """
 
 from __future__ import annotations
@@ -37,30 +39,37 @@ def train_step(t: Trainer, views: list[torch.Tensor]) -> dict[str, Any]:
         group["lr"] = float(t.sched.lr[it])
         if group["apply_wd"]:
             group["weight_decay"] = float(t.sched.wd[it])
+    x = t.additions  # DINOv2's KoLeo and iBOT terms (inactive: the step is DINO's alone)
+    masks = x.masks(it, views[0].shape[0])  # iBOT's masked patches of the global views, or None
+    temp = float(t.sched.teacher_temp[it])
     with t.autocast(), torch.no_grad():  # teacher: global views only
-        teacher_out = t.teacher(views[:2])
-    targets = t.loss_fn.targets(teacher_out, float(t.sched.teacher_temp[it]))
+        teacher_out = t.teacher(views[:2], masks, mask_input=False, detailed=True)
+    targets = t.loss_fn.targets(teacher_out.logits, temp)
+    patch_targets = x.patch_targets(teacher_out, temp)
     t.optimizer.zero_grad(set_to_none=True)
     # the student's views one resolution at a time, each part backpropagated before the next
     # part's forward: the loss is a sum over views, and one resolution's activations are alive
     # at a time instead of all of them (DDP averages the gradients on the last part)
     parts = student_parts(t, views)
-    loss = torch.zeros((), device=t.device)
+    loss, extras = torch.zeros((), device=t.device), {}
     for k, (first, end) in enumerate(parts):
         no_sync = getattr(t.student_ddp, "no_sync", None)
         with nullcontext() if k == len(parts) - 1 or no_sync is None else no_sync():
             with t.autocast():
-                out = t.student_ddp(views[first:end])
-                part = t.loss_fn.student_term(out, targets, first, len(views))
-            t.scaler.scale(part).backward()
+                out = t.student_ddp(views[first:end], masks if first == 0 else None, detailed=True)
+                part, added = t.loss_fn.student_term(out.logits, targets, first, len(views)), None
+                if first == 0 and x.active:  # KoLeo and iBOT: terms of the global views
+                    added, extras = x.loss(out, views[0].shape[0], patch_targets, masks)
+            t.scaler.scale(part if added is None else part + added).backward()
         loss = loss + part.detach()
     stats = targets.stats(loss)
     t.scaler.unscale_(t.optimizer)  # a no-op without fp16 loss scaling
     grads = [p.grad for p in t.params if p.grad is not None]
     norms = list(torch._foreach_norm(grads)) if grads else []
-    skipped = non_finite(loss, norms, t.d.world)
+    skipped = non_finite(loss + sum(extras.values()), norms, t.d.world)
     if skipped:  # every process takes the same decision
         t.loss_fn.discard_center_update()
+        x.discard_center_update()
         if t.scaler.is_enabled():
             t.scaler.update()  # lowers the loss scale
         t.optimizer.zero_grad(set_to_none=True)
@@ -74,13 +83,17 @@ def train_step(t: Trainer, views: list[torch.Tensor]) -> dict[str, Any]:
     t.scaler.update()
     ema_update(t.teacher, t.student, float(t.sched.momentum[it]))
     t.loss_fn.apply_center_update()
-    return summary(loss, stats, t.d.world)
+    x.apply_center_update()
+    return summary(loss, stats, t.d.world, extras)
 
 
 def student_parts(t: Trainer, views: list[torch.Tensor]) -> list[tuple[int, int]]:
     """``(first, end)`` of each run of same-sized views; all views at once when the head has
-    BatchNorm (its statistics are over all views, as in the reference code)."""
-    return [(0, len(views))] if t.head_has_bn else same_size_runs(views)
+    BatchNorm (its statistics are over all views, as in the reference code). With iBOT the global
+    views come last: DDP averages the gradients on the last part, which must then use every
+    parameter (the mask token and the patch head serve the global views only)."""
+    parts = [(0, len(views))] if t.head_has_bn else same_size_runs(views)
+    return parts[1:] + parts[:1] if t.additions.ibot_loss is not None else parts
 
 
 def non_finite(loss: torch.Tensor, norms: list[torch.Tensor], world: int) -> str | None:
@@ -97,17 +110,24 @@ def non_finite(loss: torch.Tensor, norms: list[torch.Tensor], world: int) -> str
     return None if grads_ok else "non-finite gradient"
 
 
-def summary(loss: torch.Tensor, stats: Any, world: int) -> dict[str, float]:
-    """The step's loss and teacher statistics, averaged over the processes (the global batch's
-    values, as one process would log them)."""
+def summary(
+    loss: torch.Tensor, stats: Any, world: int, extras: dict[str, torch.Tensor] | None = None
+) -> dict[str, float]:
+    """The step's (DINO) loss and teacher statistics, then the additions' terms (``koleo``,
+    ``ibot``), averaged over the processes (the global batch's values, as one process would
+    log them)."""
     values = [loss.detach(), stats.teacher_entropy, stats.kl]
+    names = ["loss", "teacher_entropy", "kl"]
     if stats.batch_entropy is not None:
         values.append(stats.batch_entropy)
+        names.append("batch_entropy")
+    for name, value in (extras or {}).items():
+        values.append(value)
+        names.append(f"{name}_loss")
     numbers = torch.stack([v.float() for v in values])
     if world > 1:
         numbers = all_mean(numbers)
-    names = ["loss", "teacher_entropy", "kl", "batch_entropy"]
-    return dict(zip(names, numbers.tolist(), strict=False))
+    return dict(zip(names, numbers.tolist(), strict=True))
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from dino.errors import DinoError
 from dino.loss import DINOLoss
 from dino.models.backbones import has_batchnorm
 from dino.training import run_state
+from dino.training.additions import Additions
 from dino.training.bad_files import BadFiles
 from dino.training.batches import Batches
 from dino.training.distributed import Dist, max_over_ranks, setup_distributed, sync_batchnorm
@@ -82,11 +83,17 @@ class Trainer:
             )
         self.head_has_bn = has_batchnorm(self.student.head)  # then all views go through together
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.last_layer = [p for p in self.student.head.last_layer.parameters() if p.requires_grad]
+        heads = [h for h in (self.student.head, self.student.patch_head) if h is not None]
+        self.last_layer = [p for h in heads for p in h.last_layer.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.student, cfg, self.device)
         self.loss_fn = DINOLoss(
-            cfg.model.out_dim, 2, cfg.loss.student_temp, cfg.loss.center_momentum
+            cfg.model.out_dim,
+            2,
+            cfg.loss.student_temp,
+            cfg.loss.center_momentum,
+            cfg.loss.centering,
         ).to(self.device)
+        self.additions = Additions(cfg, self.d.rank, self.device)  # DINOv2's KoLeo and iBOT
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
         self.monitor = CollapseMonitor(cfg.model.out_dim, cfg.optim.batch_size)
