@@ -174,7 +174,7 @@ def main() -> None:
         rss: list[float] = []
         time_tracking(model, long, args.memory_size, root / "outlong", rss)
         marks = [m for m in (10, 30, 60, 120, 240) if m < len(rss)] + [len(rss) - 1]
-        mem_rows = [{"frame": m, "rss_mib": rss[m]} for m in marks]
+        mem_rows = [{"frame": m, "rss_mib": round(rss[m])} for m in marks]
         growth = (rss[-1] - rss[10]) / max(1, len(rss) - 11) * 100
         print(
             table(
