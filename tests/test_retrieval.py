@@ -25,6 +25,7 @@ from dino.eval.retrieval import (
     image_retrieval,
     positive_ranks,
     precision_at_k,
+    rank_chunks,
     revisitop_precision_at_k,
     score_rankings,
 )
@@ -189,6 +190,20 @@ def test_the_three_protocols_split_easy_and_hard():
     assert aps["medium"] == pytest.approx((1 + (1 + 1) / 2 + (2 / 3 + 3 / 4) / 2) / 3)
     # hard: 3, 0, 1 junk, ranking 2 4 -> rank 0
     assert aps["hard"] == 1.0
+
+
+def test_ranking_in_blocks_equals_ranking_at_once():
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=1)
+    db = torch.nn.functional.normalize(torch.randn(11, 5, generator=g), dim=1)
+    exclude = [None, 3, None, None, 0, None, 10]
+    whole = list(rank_chunks(q, db, exclude))
+    blocks = list(rank_chunks(q, db, exclude, chunk_elems=22))  # 2 queries at a time
+    assert len(whole) == 1 and len(blocks) == 4
+    assert (np.concatenate([o for _, o, _ in blocks]) == whole[0][1]).all()
+    order = whole[0][1]
+    assert order[1, -1] == 3 and order[6, -1] == 10  # the excluded image comes last
+    assert (order[0] == np.argsort(-(q[0] @ db.T).numpy())).all()
 
 
 def test_multiscale_feeds_three_scales_and_averages():

@@ -179,7 +179,7 @@ def extract_global(
 ) -> torch.Tensor:
     """L2-normalized global features ``[N, D]`` (float32, CPU) of images, one at a time (the
     images keep their aspect, so sizes differ)."""
-    scales = SCALES if multiscale else (1.0,)
+    scales = _scales(multiscale)
     feats = [
         global_feature(model, x.to(device), scales).cpu()
         for x in image_batches(paths, transform, 1, num_workers, desc)
@@ -234,6 +234,51 @@ class QueryTruth:
     junk: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
+def query_scores(
+    orders: np.ndarray,
+    truth: Sequence[QueryTruth],
+    n_database: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    revisitop_pk: bool = False,
+) -> list[tuple[float, list[float]] | None]:
+    """(AP, precision@k for each k) of each ranking ``[Q, N]`` (database indices, best first),
+    None for a query without positives. With ``revisitop_pk`` the precision@k is revisitop's
+    mP@k, else the plain share of relevant images among the first k."""
+    out: list[tuple[float, list[float]] | None] = []
+    pk = revisitop_precision_at_k if revisitop_pk else precision_at_k
+    for order, t in zip(orders, truth, strict=True):
+        if len(t.positives) == 0:
+            out.append(None)
+            continue
+        pos = np.zeros(n_database, dtype=bool)
+        pos[t.positives] = True
+        junk = np.zeros(n_database, dtype=bool)
+        junk[t.junk] = True
+        ranks = positive_ranks(order, pos, junk)
+        out.append((average_precision(ranks, int(pos.sum())), [pk(ranks, k) for k in ks]))
+    return out
+
+
+def mean_scores(
+    per_query: Sequence[tuple[float, list[float]] | None], ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, Any]:
+    """mAP and mean precision@k over the queries that have positives."""
+    scored = [s for s in per_query if s is not None]
+    return {
+        "mAP": float(np.mean([ap for ap, _ in scored])) if scored else None,
+        "precision@k": (
+            {
+                str(k): float(v)
+                for k, v in zip(ks, np.mean([pk for _, pk in scored], axis=0), strict=True)
+            }
+            if scored
+            else None
+        ),
+        "scored_queries": len(scored),
+        "ap": [None if s is None else s[0] for s in per_query],
+    }
+
+
 def score_rankings(
     orders: np.ndarray,
     truth: Sequence[QueryTruth],
@@ -241,52 +286,54 @@ def score_rankings(
     ks: Sequence[int] = DEFAULT_KS,
     revisitop_pk: bool = False,
 ) -> dict[str, Any]:
-    """mAP and mean precision@k of rankings ``[Q, N]`` (database indices, best first).
-
-    Queries without positives are left out (their AP is ``None`` in ``"ap"``). With
-    ``revisitop_pk`` the precision@k is revisitop's mP@k, else the plain share of relevant
-    images among the first k."""
-    aps: list[float | None] = []
-    pks: list[list[float]] = []
-    for order, t in zip(orders, truth, strict=True):
-        if len(t.positives) == 0:
-            aps.append(None)
-            continue
-        pos = np.zeros(n_database, dtype=bool)
-        pos[t.positives] = True
-        junk = np.zeros(n_database, dtype=bool)
-        junk[t.junk] = True
-        ranks = positive_ranks(order, pos, junk)
-        aps.append(average_precision(ranks, int(pos.sum())))
-        pk = revisitop_precision_at_k if revisitop_pk else precision_at_k
-        pks.append([pk(ranks, k) for k in ks])
-    scored = [a for a in aps if a is not None]
-    return {
-        "mAP": float(np.mean(scored)) if scored else None,
-        "precision@k": (
-            {str(k): float(v) for k, v in zip(ks, np.mean(pks, axis=0), strict=True)}
-            if pks
-            else None
-        ),
-        "scored_queries": len(scored),
-        "ap": aps,
-    }
+    """:func:`mean_scores` of :func:`query_scores`: mAP, mean precision@k, each query's AP."""
+    return mean_scores(query_scores(orders, truth, n_database, ks, revisitop_pk), ks)
 
 
-def rank_database(
-    queries: torch.Tensor, database: torch.Tensor, exclude: Sequence[int | None] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Database indices ``[Q, N]`` by decreasing cosine similarity, and the similarities.
+def rank_chunks(
+    queries: torch.Tensor,
+    database: torch.Tensor,
+    exclude: Sequence[int | None] | None = None,
+    chunk_elems: int = 1 << 24,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``(first query, database indices [b, N] by decreasing cosine similarity, similarities)``
+    for blocks of queries, so that memory stays at ``chunk_elems`` similarities.
 
-    ``exclude[q]`` (a database index or None) is moved to the end of query q's ranking with
+    ``exclude[q]`` (a database index or None) goes to the end of query q's ranking with
     similarity ``-inf``: an image never retrieves itself."""
-    sim = queries @ database.T
-    if exclude is not None:
-        for q, i in enumerate(exclude):
-            if i is not None:
-                sim[q, i] = float("-inf")
-    sims, order = sim.sort(dim=1, descending=True)
-    return order.numpy(), sims.numpy()
+    step = max(1, chunk_elems // max(1, database.shape[0]))
+    for start in range(0, queries.shape[0], step):
+        sim = queries[start : start + step] @ database.T
+        if exclude is not None:
+            for j, i in enumerate(exclude[start : start + step]):
+                if i is not None:
+                    sim[j, i] = float("-inf")
+        sims, order = sim.sort(dim=1, descending=True)
+        yield start, order.numpy(), sims.numpy()
+
+
+def search(
+    queries: torch.Tensor,
+    database: torch.Tensor,
+    truths: dict[str, Sequence[QueryTruth]],
+    ks: Sequence[int],
+    topk: int,
+    revisitop_pk: bool = False,
+    exclude: Sequence[int | None] | None = None,
+) -> tuple[dict[str, dict[str, Any]], np.ndarray, np.ndarray]:
+    """Rank the database for every query (in blocks) and score each ground truth of
+    ``truths``; returns the scores by name and the ``topk`` best (indices, similarities)."""
+    per_query: dict[str, list] = {name: [] for name in truths}
+    tops, top_sims = [], []
+    n = database.shape[0]
+    for start, orders, sims in rank_chunks(queries, database, exclude):
+        tops.append(orders[:, :topk])
+        top_sims.append(sims[:, :topk])
+        for name, truth in truths.items():
+            block = truth[start : start + len(orders)]
+            per_query[name] += query_scores(orders, block, n, ks, revisitop_pk)
+    scores = {name: mean_scores(values, ks) for name, values in per_query.items()}
+    return scores, np.concatenate(tops), np.concatenate(top_sims)
 
 
 def write_neighbours(
@@ -438,19 +485,16 @@ def revisitop_retrieval(
         )
     else:
         q_feats = extract_global(model, ds.queries, thumb, multiscale, dev, num_workers, "queries")
-    orders, sims = rank_database(q_feats, db)
-    res: dict[str, Any] = {"dataset": ds.name, "mAP": {}, "mP@k": {}}
-    for protocol, (pos_keys, junk_keys) in PROTOCOLS.items():
-        truth = [
-            QueryTruth(
-                _indices(g, pos_keys),
-                _indices(g, ("junk", *junk_keys)),
-            )
-            for g in ds.gnd
-        ]
-        scored = score_rankings(orders, truth, len(ds.images), ks, revisitop_pk=True)
-        res["mAP"][protocol] = scored["mAP"]
-        res["mP@k"][protocol] = scored["precision@k"]
+    truths = {
+        protocol: [QueryTruth(_indices(g, pos), _indices(g, ("junk", *junk))) for g in ds.gnd]
+        for protocol, (pos, junk) in PROTOCOLS.items()
+    }
+    scores, orders, sims = search(q_feats, db, truths, ks, topk, revisitop_pk=True)
+    res: dict[str, Any] = {
+        "dataset": ds.name,
+        "mAP": {p: s["mAP"] for p, s in scores.items()},
+        "mP@k": {p: s["precision@k"] for p, s in scores.items()},
+    }
     res.update(
         {
             "scores": "fractions in [0, 1]",
@@ -556,7 +600,18 @@ def folder_retrieval(
     q = extract_global(model, qf.files, thumb, multiscale, dev, num_workers, "queries")
     index = {p.resolve(): i for i, p in enumerate(dbf.files)}
     itself = [index.get(p.resolve()) for p in qf.files]
-    orders, sims = rank_database(q, db, itself)
+    truths: dict[str, list[QueryTruth]] = {}
+    if qf.classes is not None and dbf.classes is not None:
+        db_classes = np.asarray(dbf.classes)
+        # an image is not relevant to itself: it is junk for its own query
+        truths["classes"] = [
+            QueryTruth(
+                np.setdiff1d(np.flatnonzero(db_classes == c), [] if i is None else [i]),
+                np.asarray([] if i is None else [i], dtype=np.int64),
+            )
+            for c, i in zip(qf.classes, itself, strict=True)
+        ]
+    scores, orders, sims = search(q, db, truths, ks, topk, exclude=itself)
     res: dict[str, Any] = {
         "scores": "fractions in [0, 1]",
         "n_queries": len(qf.files),
@@ -565,19 +620,8 @@ def folder_retrieval(
         "multiscale": multiscale,
         "feature_dim": int(db.shape[1]),
     }
-    if qf.classes is not None and dbf.classes is not None:
-        db_classes = np.asarray(dbf.classes)
-        truth = [
-            QueryTruth(
-                np.flatnonzero(db_classes == c),
-                np.asarray([i] if i is not None else [], dtype=np.int64),
-            )
-            for c, i in zip(qf.classes, itself, strict=True)
-        ]
-        # an image is not relevant to itself: it is junk, so drop it from the positives
-        for t in truth:
-            t.positives = np.setdiff1d(t.positives, t.junk)
-        scored = score_rankings(orders, truth, len(dbf.files), ks)
+    if "classes" in scores:
+        scored = scores["classes"]
         res["mAP"] = scored["mAP"]
         res["precision@k"] = scored["precision@k"]
         res["scored_queries"] = scored["scored_queries"]
