@@ -139,6 +139,7 @@ def _check_collectives(rank: int, world: int) -> None:
     assert replica_spread(net) == 0.0
 
 
+@pytest.mark.slow
 def test_collectives_on_two_processes(tmp_path) -> None:
     """Loss center = global-batch mean, SyncBatchNorm on CPU, ordered gather: on 2 processes."""
     mp.spawn(_collectives_worker, args=(f"file://{tmp_path}/pg", 2), nprocs=2, join=True)
@@ -190,6 +191,7 @@ def one_process_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(one_process_run, tmp_path) -> None:
     run = tmp_path / "run"
     proc, _ = _dino([*TINY, "--batch-size", str(B), "--output-dir", str(run), "--nproc", "2"])
@@ -212,6 +214,7 @@ def test_two_processes_match_one(one_process_run, tmp_path) -> None:
         assert r2[k]["top1"] == pytest.approx(r1[k]["top1"], abs=0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["kill", "raise"])
 def test_failed_rank_stops_the_run_and_checkpoint_resumes(one_process_run, tmp_path, mode) -> None:
     """Rank 1 dies (SIGKILL) or raises at iteration 5: the run ends quickly with torchrun's

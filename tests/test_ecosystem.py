@@ -143,6 +143,7 @@ def test_timm_convnext_trains(tmp_path) -> None:
     assert load_backbone(tmp_path / "run").embed_dim == 64
 
 
+@pytest.mark.slow
 @FASHION
 def test_torchvision_resnet_trains_exports_and_reports(tmp_path) -> None:
     run = tmp_path / "run"
@@ -217,6 +218,7 @@ def pico_cfg(**overrides: object) -> Config:
     return load_config("fashion-mnist", base | overrides)
 
 
+@pytest.mark.slow
 def test_init_from_a_run(pico_run) -> None:
     want = load_backbone(pico_run).state_dict()
     torch.manual_seed(5)

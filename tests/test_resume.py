@@ -141,6 +141,7 @@ def assert_same_run(reference: Path, run: Path) -> None:
     assert not [p for p in os.listdir(run) if ".tmp-" in p or ".link-" in p]
 
 
+@pytest.mark.slow
 def test_sigkill_at_four_moments_then_resume_is_exact(data, reference, tmp_path) -> None:
     """One run killed four times, resumed after each: before its first checkpoint (then it
     starts over), mid-epoch (iteration 3, checkpoint 2), right after writing checkpoint 4, and
@@ -180,6 +181,7 @@ def wait_for_iteration(proc: subprocess.Popen, run: Path, iteration: int) -> Non
     raise AssertionError("the run made no progress")
 
 
+@pytest.mark.slow
 def test_external_sigkill_at_a_random_moment(data, reference, tmp_path) -> None:
     """Killed from outside whenever it happens to be (a step, a save, an evaluation)."""
     target = int(np.random.default_rng().integers(1, 7))
@@ -201,6 +203,7 @@ def test_external_sigkill_at_a_random_moment(data, reference, tmp_path) -> None:
     assert_same_run(reference, run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_checkpoint_and_exits(sig, data, reference, tmp_path) -> None:
     run = tmp_path / "run"
@@ -243,6 +246,7 @@ def test_stop_at_an_epoch_end_before_its_evaluation(data, reference, tmp_path, m
     assert_same_run(reference, run)
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_unreadable_checkpoints(data, reference, tmp_path, caplog) -> None:
     """Killed while writing the epoch-end checkpoint (5), then the latest file (4, a hard link
     of checkpoint-00000004.pth) is damaged in place: resuming falls back to checkpoint 2."""
@@ -258,6 +262,7 @@ def test_resume_falls_back_past_unreadable_checkpoints(data, reference, tmp_path
     assert_same_run(reference, run)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not any((d / "train-images-idx3-ubyte.gz").exists() for d in FASHION_MNIST_DIRS),
     reason="Fashion-MNIST is not installed",

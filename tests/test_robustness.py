@@ -323,6 +323,7 @@ COLLAPSE_RUN = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @FASHION
 @pytest.mark.parametrize(
     ("flags", "mode"),
@@ -345,6 +346,7 @@ def test_collapsing_config_is_flagged_within_one_epoch(flags, mode, tmp_path, ca
     assert mode in flagged[0]["warning"]
 
 
+@pytest.mark.slow
 @FASHION
 def test_normal_config_is_not_flagged(tmp_path) -> None:
     run = tmp_path / "run"

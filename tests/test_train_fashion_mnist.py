@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_training_raises_knn_above_random_init(tmp_path):
     cfg = load_config(
         "fashion-mnist",
