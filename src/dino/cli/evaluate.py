@@ -75,6 +75,7 @@ def register(sub: Any) -> None:
         help="use only the first N images of each split, for quick trials (0: all)",
     )
     k.add_argument("--output", default=None, metavar="JSON", help="also write the results here")
+    add_label_flags(k, "bank")
     add_loader_flags(k)
     k.set_defaults(run=knn)
 
@@ -145,8 +146,35 @@ def register(sub: Any) -> None:
         default=0,
         help="use only the first N images of each split, for quick trials (0: all)",
     )
+    add_label_flags(lin, "training set")
     add_loader_flags(lin, batch_size=256)
     lin.set_defaults(run=linear)
+
+
+def add_label_flags(parser: argparse.ArgumentParser, role: str) -> None:
+    """``--labels-per-class`` and ``--label-seeds``: few-label evaluation (dino.eval.labels)."""
+    parser.add_argument(
+        "--labels-per-class",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"use only N labeled training images of each class as the {role}, drawn at random "
+        "with each --label-seeds seed (0: all labeled images)",
+    )
+    parser.add_argument(
+        "--label-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="S",
+        help="seeds of the labeled subsets (default: 0); with several, report the mean and "
+        "standard deviation over the subsets",
+    )
+
+
+def _spread(values: dict, metric: str) -> str:
+    std = values.get(f"{metric}_std")
+    return f"{values[metric]:7.2f}" + (f" ± {std:4.2f}" if std is not None else "")
 
 
 def extract(args: argparse.Namespace) -> int:
@@ -182,14 +210,20 @@ def knn(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         device=args.device,
         subset=args.subset,
+        labels_per_class=args.labels_per_class,
+        label_seeds=args.label_seeds,
     )
+    labels = ""
+    if args.labels_per_class:
+        seeds = len(res["label_seeds"])
+        labels = f" ({args.labels_per_class} per class, mean over {seeds} label seed(s))"
     print(
-        f"weighted k-NN, T={args.temperature}: {res['n_train']} train / {res['n_val']} val "
-        f"images, features of dim {res['feature_dim']}"
+        f"weighted k-NN, T={args.temperature}: {res['n_train']} train{labels} / {res['n_val']} "
+        f"val images, features of dim {res['feature_dim']}"
     )
     print(f"{'k':>5} {'top-1':>7} {'top-5':>7}")
     for k, v in res["knn"].items():
-        print(f"{k:>5} {v['top1']:7.2f} {v['top5']:7.2f}")
+        print(f"{k:>5} {_spread(v, 'top1')} {_spread(v, 'top5')}")
     if args.output:
         write_json(args.output, res)
         print(f"results -> {args.output}")
@@ -197,16 +231,18 @@ def knn(args: argparse.Namespace) -> int:
 
 
 def linear(args: argparse.Namespace) -> int:
-    from dino.eval.linear import linear_probe
+    from dino.eval.linear import linear_probe_seeds
 
     backbone = load_weights(args)
     out = args.output_dir
     if out is None:
         w = Path(args.weights)
         out = str(w / "linear") if w.is_dir() else f"linear-{w.stem}"
-    res = linear_probe(
+    res = linear_probe_seeds(
         backbone,
         args.data,
+        labels_per_class=args.labels_per_class,
+        label_seeds=args.label_seeds,
         view=eval_view(args, args.data, backbone),
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -223,6 +259,15 @@ def linear(args: argparse.Namespace) -> int:
         subset=args.subset,
     )
     kind = "cached features" if args.cached else "augmented views"
+    if args.labels_per_class:
+        first = res["per_seed"][0]
+        print(
+            f"linear probe ({kind}, {args.labels_per_class} labeled images per class, "
+            f"{len(res['label_seeds'])} label seed(s), {first['epochs']} epochs): top-1 "
+            f"{_spread(res, 'top1').strip()}  top-5 {_spread(res, 'top5').strip()}"
+        )
+        print(f"results -> {Path(out) / 'results.json'}")
+        return 0
     print(
         f"linear probe ({kind}, {res['n_last_blocks']} last blocks"
         f"{' + avgpool' if res['avgpool'] else ''}, {res['epochs']} epochs): "

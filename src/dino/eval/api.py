@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, decode_bad, fa
 from dino.devices import resolve_device
 from dino.errors import DinoError
 from dino.eval.features import extract, loader_batches
+from dino.eval.labels import (
+    check_label_args,
+    labels_array,
+    per_class_indices,
+    spread_over_seeds,
+    take,
+)
 from dino.eval.neighbors import weighted_knn
 from dino.eval.views import (
     Data,
@@ -94,6 +102,8 @@ def knn_eval(
     device: str = "auto",
     subset: int = 0,
     chunk: int = 256,
+    labels_per_class: int = 0,
+    label_seeds: Sequence[int] = (0,),
 ) -> dict[str, Any]:
     """Weighted k-NN accuracy of frozen features (docs/recipe.md, "Evaluation protocols"):
     bank = train split, queries = val.
@@ -108,16 +118,35 @@ def knn_eval(
         device: ``auto``, ``cpu``, ``cuda``.
         subset: use only the first N images of each split (0: all).
         chunk: queries per similarity block (memory ``chunk x bank``).
+        labels_per_class: with N > 0 the bank is N seeded random labeled training images of
+            each class (:mod:`dino.eval.labels`); k values above the bank size become the bank
+            size. 0: the whole train split.
+        label_seeds: the seeds of the banks; with several, ``knn`` holds the mean over them
+            with ``top1_std`` and ``top5_std`` (sample standard deviations), and ``per_seed``
+            each bank's result.
 
     Returns ``{"knn": {"20": {"top1": .., "top5": ..}, ...}, "n_train", "n_val", ...}``
     (accuracies in percent).
     """
+    seeds = check_label_args(labels_per_class, label_seeds)
     check_value("k", list(ks), "[1, inf)", length=(1, math.inf))
     check_value("temperature", temperature, "(0, inf)")
     dev = resolve_device(device)
     model = as_backbone(backbone, dev)
     view = view or resolve_view(data, run_config_of(model))
     train, val = open_labeled(data, subset)
+    banks: dict[int, np.ndarray] = {}
+    if labels_per_class:
+        labels = labels_array(train)
+        banks = {s: per_class_indices(labels, labels_per_class, s) for s in seeds}
+        used = np.unique(np.concatenate(list(banks.values())))
+        train = take(train, used)  # the features of the images some bank holds, once
+        banks = {s: np.searchsorted(used, idx) for s, idx in banks.items()}
+        n_bank = min(len(idx) for idx in banks.values())
+        capped = sorted({min(int(k), n_bank) for k in ks})
+        if capped != sorted({int(k) for k in ks}):
+            log.info("k-NN with %d-image banks: k values %s", n_bank, capped)
+        ks = capped
     too_many = sorted({int(k) for k in ks if int(k) > len(train)})
     if too_many:
         raise DinoError(
@@ -127,21 +156,27 @@ def knn_eval(
         )
     fb, yb = features_of(model, train, view, batch_size, num_workers, dev, "k-NN bank")
     fq, yq = features_of(model, val, view, batch_size, num_workers, dev, "k-NN queries")
-    knn = weighted_knn(
-        fb.to(dev),
-        yb.to(dev),
-        fq.to(dev),
-        yq.to(dev),
-        list(ks),
-        temperature,
-        num_classes=num_classes(train, val),
-        chunk=chunk,
-    )
+    classes = num_classes(train, val)
+
+    def knn_of(rows: np.ndarray | slice) -> dict[str, dict[str, float]]:
+        f, y = fb[rows].to(dev), yb[rows].to(dev)
+        return weighted_knn(
+            f, y, fq.to(dev), yq.to(dev), list(ks), temperature, classes, chunk=chunk
+        )
+
+    extra: dict[str, Any] = {}
+    if banks:
+        per_seed = [{"seed": s, "knn": knn_of(torch.from_numpy(idx))} for s, idx in banks.items()]
+        knn = spread_over_seeds([r["knn"] for r in per_seed])
+        extra = {"labels_per_class": labels_per_class, "label_seeds": seeds, "per_seed": per_seed}
+    else:
+        knn = knn_of(slice(None))
     info = getattr(model, "weights_info", None)
     return {
         "knn": knn,
+        **extra,
         "temperature": temperature,
-        "n_train": len(train),
+        "n_train": min(len(idx) for idx in banks.values()) if banks else len(train),
         "n_val": len(val),
         "feature_dim": int(fb.shape[1]),
         "data": data,

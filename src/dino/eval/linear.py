@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from dino.data.datasets import loader_workers
 from dino.devices import resolve_device
 from dino.errors import DinoError
 from dino.eval.api import as_backbone, features_of, run_config_of
+from dino.eval.labels import check_label_args, labeled_subset, spread_over_seeds
 from dino.eval.views import (
     Data,
     EpochBatches,
@@ -151,6 +153,8 @@ def linear_probe(
     device: str = "auto",
     seed: int = 0,
     subset: int = 0,
+    labels_per_class: int = 0,
+    label_seed: int = 0,
 ) -> dict[str, Any]:
     """Train and evaluate a linear classifier on frozen features; returns the results dict.
 
@@ -172,6 +176,9 @@ def linear_probe(
         device: ``auto``, ``cpu``, ``cuda``.
         seed: seed of the classifier's initialization, data order and augmentations.
         subset: use only the first N images of each split (0: all).
+        labels_per_class, label_seed: with N > 0, train on N images of each class drawn with
+            ``label_seed`` (:mod:`dino.eval.labels`); 0: the whole train split. Several seeds:
+            :func:`linear_probe_seeds`.
 
     Returns ``{"top1", "top5"}`` of the last epoch (percent) with ``best_top1``, ``history``
     and the setup.
@@ -190,6 +197,8 @@ def linear_probe(
         avgpool if avgpool is not None else pool_default,
     ).to(dev)
     train, val = open_labeled(data, subset)
+    if labels_per_class:
+        train = labeled_subset(train, labels_per_class, label_seed)
     classes = num_classes(train, val)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
@@ -200,6 +209,11 @@ def linear_probe(
         "checkpoint_key": info.checkpoint_key if info else None,
         "data": data,
         "subset": subset,
+        **(
+            {"labels_per_class": labels_per_class, "label_seed": label_seed}
+            if labels_per_class
+            else {}
+        ),
         "view": view.to_dict(),
         "feature_dim": probe.out_dim,
         "num_classes": classes,
@@ -314,6 +328,52 @@ def linear_probe(
     return results
 
 
+def linear_probe_seeds(
+    backbone: nn.Module | str | Path,
+    data: str = "fashion-mnist",
+    *,
+    labels_per_class: int,
+    label_seeds: Sequence[int] = (0,),
+    output_dir: str | Path | None = None,
+    device: str = "auto",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`linear_probe` on each seed's ``labels_per_class`` labeled images per class, each
+    into ``output_dir/label-seed-<seed>`` (all labels, ``labels_per_class`` 0: one
+    :func:`linear_probe`); returns the mean ``top1``/``top5`` over the seeds
+    with ``top1_std``/``top5_std`` (sample standard deviations) and ``per_seed`` results."""
+    seeds = check_label_args(labels_per_class, label_seeds)
+    model = as_backbone(backbone, resolve_device(device))
+    if not labels_per_class:
+        return linear_probe(model, data, output_dir=output_dir, device=device, **kwargs)
+    out = Path(output_dir) if output_dir is not None else None
+    per_seed = []
+    for s in seeds:
+        result = linear_probe(
+            model,
+            data,
+            output_dir=out / f"label-seed-{s}" if out is not None else None,
+            device=device,
+            labels_per_class=labels_per_class,
+            label_seed=s,
+            **kwargs,
+        )
+        per_seed.append({"seed": s, **result})
+    spread = spread_over_seeds([{"": {m: r[m] for m in ("top1", "top5")}} for r in per_seed])[""]
+    results = {
+        **spread,
+        "labels_per_class": labels_per_class,
+        "label_seeds": seeds,
+        "n_train": per_seed[0]["n_train"],
+        "n_val": per_seed[0]["n_val"],
+        "per_seed": per_seed,
+    }
+    if out is not None:
+        text = json.dumps(results, indent=2)
+        atomic_write(out / RESULTS, lambda f: f.write(text.encode()))
+    return results
+
+
 def _resume(
     path: Path, setup: dict[str, Any], classifier: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[int, list[dict[str, Any]]]:
@@ -350,12 +410,14 @@ def _cached_features(
     """Probe features of both splits (eval view), read from ``out/features.pt`` when that holds
     the same setup, else extracted and saved there."""
     key = {
-        k: setup[k]
+        k: setup.get(k)
         for k in (
             "weights",
             "checkpoint_key",
             "data",
             "subset",
+            "labels_per_class",
+            "label_seed",
             "view",
             "feature_dim",
             "n_last_blocks",
