@@ -219,8 +219,9 @@ class DataConfig:
     eval_crop: int = _f(224, "evaluation transform: then center-crop to this.", range="[1, inf)")
     augment: str = _f(
         "auto",
-        "augmentation path: 'tensor' (batched on the training device, needs an in-memory "
-        "dataset), 'pil' (per image in DataLoader workers) or 'auto' (tensor when possible).",
+        "augmentation path: 'tensor' (batched on the training device; for a folder, DataLoader "
+        "workers decode and crop each image and the color operations run batched), 'pil' (all "
+        "per image with PIL in DataLoader workers; folders only) or 'auto' (tensor).",
         choices=("auto", "pil", "tensor"),
     )
     num_workers: int = _f(

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dino.data.file_index import FileList, index_folder
 from dino.data.seeding import sample_seed
 from dino.devices import launch_env
 from dino.errors import DinoError
@@ -121,41 +124,96 @@ class BadImage(Exception):
     """A file that PIL cannot decode into an image."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open any image PIL reads and convert it to 8-bit RGB (16-bit, CMYK, palette, RGBA, gray).
+#: JPEG decoding can scale by these factors (DCT scaling: PIL's ``draft``), almost for free.
+_JPEG_REDUCTIONS = (8, 4, 2, 1)
 
-    Raises :class:`BadImage` for files that cannot be decoded: empty, truncated or not an image
-    (whatever the extension says), or with absurd dimensions (more pixels than PIL's
+
+@contextmanager
+def opened_image(path: str | Path) -> Iterator[Image.Image]:
+    """``path`` opened by PIL: its size and format known, its pixels not decoded yet.
+
+    Every failure, also inside the ``with`` block (decoding with :func:`to_rgb`), becomes a
+    :class:`BadImage` that names the file: empty, truncated or not an image (whatever the
+    extension says), or with absurd dimensions (more than twice PIL's
     ``Image.MAX_IMAGE_PIXELS``, which is how decompression bombs and corrupt headers look).
     """
     try:
         if os.path.getsize(path) == 0:
             raise BadImage(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # to_rgb decides
             im_file = Image.open(path)
         with im_file as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, rgba)
-            rgb = im.convert("RGB")
-        if min(rgb.size) < 1:
-            raise BadImage(f"{path}: empty image")
-        return rgb
-    except BadImage:
-        raise
+            yield im
+    except BadImage as exc:
+        if str(exc).startswith(f"{path}: "):
+            raise
+        raise BadImage(f"{path}: {exc}") from None
     except UnidentifiedImageError:
         raise BadImage(f"{path}: not an image in a format PIL reads") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise BadImage(f"{path}: absurd dimensions: {exc}") from None
-    except Exception as exc:  # decoders raise many types; the bomb warning is an error here
+    except Exception as exc:  # decoders raise many types
         raise BadImage(f"{path}: {exc or type(exc).__name__}") from None
+
+
+def jpeg_reduction(im: Image.Image, allowed: float) -> int:
+    """The factor (1, 2, 4 or 8) by which :func:`to_rgb` decodes ``im``: the largest that is at
+    most ``allowed`` (how much smaller the caller can use the image), and at least what keeps a
+    huge JPEG within ``Image.MAX_IMAGE_PIXELS``; 1 for other formats."""
+    w, h = im.size
+    if im.format not in ("JPEG", "MPO"):
+        return 1
+    limit = Image.MAX_IMAGE_PIXELS
+    for s in _JPEG_REDUCTIONS:
+        if s <= allowed and s <= min(w, h):
+            break
+    if limit:
+        for need in _JPEG_REDUCTIONS[::-1]:
+            if math.ceil(w / need) * math.ceil(h / need) <= limit:
+                return max(s, need)
+    return s
+
+
+def to_rgb(im: Image.Image, allowed_reduction: float = 1.0) -> Image.Image:
+    """Decode an image of :func:`opened_image` into 8-bit RGB (16-bit, CMYK, palette, RGBA and
+    gray are converted; transparency over white).
+
+    A JPEG is decoded at 1/2, 1/4 or 1/8 of its size (:func:`jpeg_reduction`) when
+    ``allowed_reduction`` permits it, and as much as needed to stay within PIL's
+    ``Image.MAX_IMAGE_PIXELS`` (a 10 000 x 10 000 photo is decoded at 5 000 x 5 000 at most);
+    any other image with more pixels than that is rejected (:class:`BadImage`).
+    """
+    w, h = im.size
+    s = jpeg_reduction(im, allowed_reduction)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and math.ceil(w / s) * math.ceil(h / s) > limit:
+        raise BadImage(
+            f"absurd dimensions: {w} x {h} pixels, more than PIL's limit of {limit} "
+            "(Image.MAX_IMAGE_PIXELS)"
+        )
+    if s > 1:
+        im.draft(None, (w // s, h // s))
+    im.load()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    if min(rgb.size) < 1:
+        raise BadImage("empty image")
+    return rgb
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open any image PIL reads and convert it to 8-bit RGB (:func:`opened_image`,
+    :func:`to_rgb`); raises :class:`BadImage` for files that cannot be decoded."""
+    with opened_image(path) as im:
+        return to_rgb(im)  # decoded: usable after the file is closed
 
 
 def data_hint(data: str) -> str:
@@ -168,29 +226,25 @@ def data_hint(data: str) -> str:
     return f"pass --data with a folder of images or a built-in dataset ({', '.join(BUILTIN)})"
 
 
-def scan_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
-    """All image files below ``root`` (sorted) with labels: the first-level folder is the class
-    when every image sits in one, else the dataset is flat and labels are -1."""
+def scan_folder(
+    root: str | Path, index_dir: str | Path | None = None
+) -> tuple[FileList, np.ndarray, list[str]]:
+    """All image files below ``root`` (sorted; hidden files and folders skipped) with labels:
+    the first-level folder is the class when every image sits in one, else the dataset is flat
+    and labels are -1. The list is cached (:func:`dino.data.file_index.index_folder`: beside
+    ``root`` when its parent is writable, else in ``index_dir``) and listed again only when a
+    folder below ``root`` changed."""
     root = Path(root)
     if not root.exists():
         raise DinoError(f"data folder {root} does not exist; {data_hint(str(root))}")
     if not root.is_dir():
         raise DinoError(f"--data {root} is not a folder; point it at a folder of images")
-    files = sorted(
-        str(p)
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-    )
-    if not files:
+    index = index_folder(root, IMAGE_EXTENSIONS, index_dir)
+    if not len(index.files):
         raise DinoError(
             f"no image files found in {root}; put images (jpg, png, ...) in it or in subfolders"
         )
-    rel = [Path(f).relative_to(root).parts for f in files]
-    if all(len(parts) >= 2 for parts in rel):
-        classes = sorted({parts[0] for parts in rel})
-        index = {c: i for i, c in enumerate(classes)}
-        return files, [index[parts[0]] for parts in rel], classes
-    return files, [-1] * len(files), []
+    return index.files, index.labels, index.classes
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -200,6 +254,10 @@ class ImageFiles(torch.utils.data.Dataset):
     A file that cannot be decoded is replaced by the next decodable file; ``bad`` reports it so
     the training loop can count and list it: ``""`` when the file was readable, else the JSON
     text of ``[[path, reason], ...]`` (see :func:`decode_bad`).
+
+    ``files`` is a :class:`~dino.data.file_index.FileList` (one buffer, not one object per
+    file) and ``labels`` an ``int64`` array; ``index_dir`` is where the folder's file list is
+    cached when it cannot be beside the folder (:func:`scan_folder`).
     """
 
     def __init__(
@@ -207,27 +265,31 @@ class ImageFiles(torch.utils.data.Dataset):
         root: str | Path,
         transform: Callable[[Image.Image], object] | None = None,
         seed: int = 0,
-        files: tuple[list[str], list[int], list[str]] | None = None,
+        files: tuple[FileList | list[str], np.ndarray | list[int], list[str]] | None = None,
+        index_dir: str | Path | None = None,
     ) -> None:
         self.root = Path(root)
-        self.files, self.labels, self.classes = files or scan_folder(root)
+        paths, labels, self.classes = files or scan_folder(root, index_dir)
+        self.files = paths if isinstance(paths, FileList) else FileList.from_paths(root, paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.seed = seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int, str]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def read(self, index: int, decode: Callable[[str], object]) -> tuple[object, int, str]:
+        """``(decode(path), label, bad)`` of file ``index``, or of the next file ``decode``
+        does not reject with :class:`BadImage` (``bad`` lists the rejected ones)."""
         bad: list[tuple[str, str]] = []
         for attempt in range(len(self.files)):
             i = (index + attempt) % len(self.files)
+            path = self.files[i]
             try:
-                img = load_image(self.files[i])
+                out = decode(path)
                 break
             except BadImage as exc:
-                reason = str(exc).removeprefix(f"{self.files[i]}: ")
-                bad.append((self.files[i], reason))
+                bad.append((path, str(exc).removeprefix(f"{path}: ")))
                 if len(bad) > 32:
                     raise DinoError(
                         f"more than 32 consecutive unreadable images near {self.files[index]}; "
@@ -235,13 +297,18 @@ class ImageFiles(torch.utils.data.Dataset):
                     ) from None
         else:
             raise DinoError(f"no readable image in {self.root}")
-        report = json.dumps(bad) if bad else ""
+        return out, int(self.labels[i]), json.dumps(bad) if bad else ""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int, str]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         if self.transform is None:
-            return img, self.labels[i], report
+            return self.read(index, load_image)
+        return self.read(index, lambda path: self._transform(load_image(path), epoch, index))
+
+    def _transform(self, img: Image.Image, epoch: int, index: int) -> object:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
-            out = self.transform(img)
-        return out, self.labels[i], report
+            return self.transform(img)  # type: ignore[misc]
 
 
 def decode_bad(reports: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
@@ -292,15 +359,19 @@ def shard(ds: TensorImages | ImageFiles, rank: int, world: int) -> TensorImages 
     return ImageFiles(ds.root, ds.transform, ds.seed, files=files)
 
 
-def open_training_data(data: str, subset: int = 0) -> TrainingData:
-    """Resolve ``--data`` (see :func:`_open`), keeping the first ``subset`` images if > 0."""
-    d = _open(data)
+def open_training_data(
+    data: str, subset: int = 0, index_dir: str | Path | None = None
+) -> TrainingData:
+    """Resolve ``--data`` (see :func:`_open`), keeping the first ``subset`` images if > 0.
+    ``index_dir`` (the run folder) keeps the file lists of folders whose parent is read-only
+    (:func:`scan_folder`)."""
+    d = _open(data, index_dir)
     return TrainingData(
         _head(d.train, subset), _head(d.knn_bank, subset), _head(d.knn_query, subset)
     )
 
 
-def _open(data: str) -> TrainingData:
+def _open(data: str, index_dir: str | Path | None = None) -> TrainingData:
     """Resolve ``--data``: the built-in name, or a folder. A folder with ``train/`` and ``val/``
     (or ``test/``) class subfolders trains on ``train``; k-NN goes from ``train`` to ``val``."""
     if data in BUILTIN:
@@ -309,8 +380,8 @@ def _open(data: str) -> TrainingData:
     train_dir = root / "train"
     val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if train_dir.is_dir() and val_dir is not None:
-        train = ImageFiles(train_dir)
-        val = ImageFiles(val_dir)
+        train = ImageFiles(train_dir, index_dir=index_dir)
+        val = ImageFiles(val_dir, index_dir=index_dir)
         if train.classes and val.classes:
             missing = set(val.classes) - set(train.classes)
             if missing:
@@ -318,9 +389,9 @@ def _open(data: str) -> TrainingData:
                     f"classes {sorted(missing)} of {val_dir} are not in {train_dir}; "
                     "every validation class needs training images"
                 )
-            remap = {i: train.classes.index(c) for i, c in enumerate(val.classes)}
-            val.labels = [remap[label] for label in val.labels]
+            remap = np.array([train.classes.index(c) for c in val.classes], dtype=np.int64)
+            val.labels = remap[val.labels]
             val.classes = train.classes
             return TrainingData(train, train, val)
         return TrainingData(train, None, None)
-    return TrainingData(ImageFiles(root), None, None)
+    return TrainingData(ImageFiles(root, index_dir=index_dir), None, None)

@@ -22,8 +22,11 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def sample_keys(seed: int, epoch: int, indices: np.ndarray, stream: int = 0) -> np.ndarray:
-    """One 64-bit key per sample for (seed, epoch, index, stream)."""
+def sample_keys(
+    seed: int, epoch: int, indices: np.ndarray, stream: int | np.ndarray = 0
+) -> np.ndarray:
+    """One 64-bit key per sample for (seed, epoch, index, stream); an array of streams is
+    broadcast against ``indices`` (the keys of several streams of one sample at once)."""
     with np.errstate(over="ignore"):
         k = _mix(np.uint64(seed) + _GOLDEN)
         k = _mix(k ^ np.uint64(epoch))

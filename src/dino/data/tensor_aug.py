@@ -282,32 +282,23 @@ def _blur_(
     x: torch.Tensor, rows: np.ndarray, kernels: torch.Tensor, radius: int, bufs: _Buffers
 ) -> None:
     """Blur rows ``rows`` of ``x`` in place, each with its own kernel: separable, reflect
-    padding, as shifted multiply-adds over chunks of rows that stay in the caches."""
+    padding, as two depthwise convolutions (one kernel per row and channel) over chunks of rows
+    that stay in the caches."""
     _, c, h, w = x.shape
     r = radius
     chunk = _chunk_rows(x, len(rows))
     idx_all = torch.from_numpy(rows).to(x.device)
+    taps = kernels.repeat_interleave(c, 0)  # one kernel per (row, channel)
     for i in range(0, len(rows), chunk):
         idx = idx_all[i : i + chunk]
-        k = kernels[i : i + chunk]
         m = len(idx)
-        taps = [k[:, j].view(-1, 1, 1, 1) for j in range(2 * r + 1)]
+        k = taps[i * c : (i + m) * c]
         rows_x = torch.index_select(x, 0, idx, out=bufs.get("blur_o", (m, c, h, w), x.device))
-        p = bufs.get("blur_p", (m, c, h, w + 2 * r), x.device)
-        p[..., r : r + w] = rows_x
-        p[..., :r] = rows_x[..., 1 : r + 1].flip(-1)
-        p[..., r + w :] = rows_x[..., w - r - 1 : w - 1].flip(-1)
-        q = bufs.get("blur_q", (m, c, h + 2 * r, w), x.device)
-        mid = q[:, :, r : r + h]
-        torch.mul(p[..., :w], taps[0], out=mid)
-        for j in range(1, 2 * r + 1):
-            mid.addcmul_(p[..., j : j + w], taps[j])
-        q[:, :, :r] = mid[:, :, 1 : r + 1].flip(-2)
-        q[:, :, r + h :] = mid[:, :, h - r - 1 : h - 1].flip(-2)
-        torch.mul(q[:, :, :h], taps[0], out=rows_x)
-        for j in range(1, 2 * r + 1):
-            rows_x.addcmul_(q[:, :, j : j + h], taps[j])
-        x.index_copy_(0, idx, rows_x)
+        y = F.pad(rows_x.view(1, m * c, h, w), (r, r, 0, 0), mode="reflect")
+        y = F.conv2d(y, k.view(m * c, 1, 1, 2 * r + 1), groups=m * c)
+        y = F.pad(y, (0, 0, r, r), mode="reflect")
+        y = F.conv2d(y, k.view(m * c, 1, 2 * r + 1, 1), groups=m * c)
+        x.index_copy_(0, idx, y.view(m, c, h, w))
 
 
 def _chunk_rows(x: torch.Tensor, n: int) -> int:

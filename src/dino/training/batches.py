@@ -1,6 +1,7 @@
 """The source of augmented batches: the views of every step of an epoch, from either
-augmentation path (batched on the device for in-memory data, per image in DataLoader workers
-for folders)."""
+augmentation path: batched on the training device (in-memory data; for folders, after DataLoader
+workers decoded and cropped each image), or all per image in DataLoader workers (``--augment
+pil``, folders)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ import torch
 
 from dino.config import Config
 from dino.data.datasets import ImageFiles, TensorImages, decode_bad, loader_workers
+from dino.data.file_crops import CropFiles, FileCrops
 from dino.data.multicrop import MultiCropTransform
 from dino.data.sampler import GlobalBatchSampler
-from dino.data.tensor_aug import TensorMultiCrop, ViewSpec
+from dino.data.tensor_aug import TensorMultiCrop
 from dino.errors import DinoError
 from dino.training.distributed import Dist
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the training process, which saves and stops them."""
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT (Ctrl-C) and SIGTERM to the training process, which
+    saves a checkpoint and stops them: a signal sent to the whole process group (a scheduler's
+    preemption, ``timeout``, Ctrl-C in a terminal) reaches the workers too."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Batches:
@@ -43,67 +48,61 @@ class Batches:
                 f"{self.sampler.global_batch}; lower --batch-size"
             )
         dc = cfg.data
-        mode = dc.augment
-        if mode == "auto":
-            mode = "tensor" if isinstance(train, TensorImages) else "pil"
-        if mode == "tensor" and not isinstance(train, TensorImages):
-            raise DinoError(
-                "--augment tensor needs an in-memory dataset; use --augment pil for folders"
-            )
+        mode = "tensor" if dc.augment == "auto" else dc.augment
+        if mode == "pil" and isinstance(train, TensorImages):
+            raise DinoError("--augment pil needs a folder of images; use --augment tensor")
         self.mode = mode
+        self.in_memory = isinstance(train, TensorImages)
         if mode == "tensor":
-            assert isinstance(train, TensorImages)
-            views = [
-                ViewSpec(dc.global_size, tuple(dc.global_scale), dc.blur_p[0], dc.solarize_p[0]),
-                ViewSpec(dc.global_size, tuple(dc.global_scale), dc.blur_p[1], dc.solarize_p[1]),
-            ] + [
-                ViewSpec(dc.local_size, tuple(dc.local_scale), dc.blur_p[2], dc.solarize_p[2])
-            ] * dc.local_crops
-            self.aug = TensorMultiCrop(
-                views,
-                dc.brightness,
-                dc.contrast,
-                dc.saturation,
-                dc.hue,
-                dc.color_jitter_p,
-                dc.grayscale_p,
-                tuple(dc.blur_sigma),
-                tuple(dc.mean),
-                tuple(dc.std),
-            )
-            self.images = train.images.to(device)
-        else:
+            self.aug = TensorMultiCrop.from_config(dc)
             if isinstance(train, TensorImages):
-                raise DinoError("--augment pil needs a folder of images; use --augment tensor")
+                self.images = train.images.to(device)
+            else:  # workers decode and crop, the photometric half runs here
+                crops = FileCrops(self.aug.views, cfg.run.seed)
+                self.loader = self._loader(CropFiles(train, crops), dc.num_workers)
+        else:
+            assert isinstance(train, ImageFiles)
             train.transform = MultiCropTransform(dc)
             train.seed = cfg.run.seed
-            workers = loader_workers(dc.num_workers)
-            self.loader = torch.utils.data.DataLoader(
-                train,
-                batch_sampler=self.sampler,
-                num_workers=workers,
-                pin_memory=device.type == "cuda",
-                persistent_workers=workers > 0,
-                prefetch_factor=4 if workers > 0 else None,
-                worker_init_fn=_ignore_sigint if workers > 0 else None,
-                # its own generator: starting workers draws nothing from torch's global one
-                generator=torch.Generator().manual_seed(cfg.run.seed),
-            )
+            self.loader = self._loader(train, dc.num_workers)
+
+    def _loader(
+        self, dataset: torch.utils.data.Dataset, num_workers: int
+    ) -> torch.utils.data.DataLoader:
+        workers = loader_workers(num_workers)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+            # its own generator: starting workers draws nothing from torch's global one
+            generator=torch.Generator().manual_seed(self.cfg.run.seed),
+        )
 
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch()
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[list[torch.Tensor], list[str]]]:
         self.sampler.set_epoch(epoch, start)
-        if self.mode == "tensor":
+        seed = self.cfg.run.seed
+        if self.in_memory:
             for step in range(start, self.sampler.steps_per_epoch()):
                 idx = self.sampler.indices(step)
                 imgs = self.images[torch.from_numpy(idx).to(self.images.device)]
-                yield self.aug(imgs, idx, epoch, self.cfg.run.seed), []
+                yield self.aug(imgs, idx, epoch, seed), []
         else:
             try:
-                for views, _labels, bad in self.loader:
-                    views = [v.to(self.device, non_blocking=True) for v in views]
+                for batch in self.loader:
+                    if self.mode == "tensor":  # uint8 crops of each image -> photometric half
+                        crops, _labels, bad, index = batch
+                        crops = [c.to(self.device, non_blocking=True) for c in crops]
+                        views = self.aug.from_crops(crops, index.numpy(), epoch, seed)
+                    else:
+                        views, _labels, bad = batch
+                        views = [v.to(self.device, non_blocking=True) for v in views]
                     yield views, decode_bad(bad)
             except DinoError as exc:  # raised in a worker: keep its last line, not the traceback
                 raise DinoError(

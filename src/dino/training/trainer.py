@@ -59,7 +59,8 @@ class Trainer:
         self.precision = resolve_precision(cfg.run.precision, self.device)
         self.run_dir, resume_state = run_state.open_run_dir(cfg, resume, self.d.main)
         torch.manual_seed(cfg.run.seed + self.d.rank)
-        self.data = open_training_data(cfg.data.data, cfg.data.subset)
+        # a folder's file list is cached beside it, or in the run folder (read-only parent)
+        self.data = open_training_data(cfg.data.data, cfg.data.subset, self.run_dir)
         self.batches = Batches(cfg, self.data.train, self.d, self.device)
         self.steps_per_epoch = self.batches.steps_per_epoch()
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
