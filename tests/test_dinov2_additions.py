@@ -139,6 +139,7 @@ def _sinkhorn_worker(rank: int, init: str, world: int) -> None:
     os._exit(0)  # as in test_distributed.py: skip a flaky C++ teardown after the checks
 
 
+@pytest.mark.slow
 def test_sinkhorn_and_ibot_center_on_two_processes_match_one(tmp_path) -> None:
     """The sums are all-reduced: rows split over 2 processes get the targets one process gives
     them when it holds all rows."""
