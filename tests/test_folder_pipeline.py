@@ -12,6 +12,7 @@ Test images are cut from scikit-image's photographs.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -509,3 +510,55 @@ def test_blur_frequency_and_strength_match_the_pil_path(tmp_path) -> None:
         unblurred = np.quantile(energy["auto"], 0.95) if p < 1 else energy["auto"].max()
         strong = {k: e < 0.3 * unblurred for k, e in energy.items()}
         same_frequency(strong["auto"], strong["pil"], p * 1.4 / 1.9, f"{name} blur")
+
+
+# ------------------------------------------------------------------ training on photos
+
+
+def write_photo_splits(root: Path) -> None:
+    """``train/`` (12 a class) and ``val/`` (4 a class): 3 classes, each cut from its own
+    photograph (astronaut, coffee, rocket), JPEGs of 160 x 120."""
+    for split, n, offset in (("train", 12, 0), ("val", 4, 500)):
+        for c, picture in enumerate((0, 1, 3)):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                photo(picture + 5 * (offset + i), (160, 120)).save(folder / f"{i:02d}.jpg")
+
+
+@pytest.mark.slow
+def test_training_on_photos_with_knn_and_exact_resume(tmp_path, monkeypatch) -> None:
+    """``dino train`` on a folder of photos with train/ and val/: the batched path, k-NN after
+    each epoch, and a run stopped after step 3 and resumed ends with the uninterrupted run's
+    weights, bit for bit (vit_tiny, 96 / 48 px crops, CPU fp32, 2 epochs of 4 steps)."""
+    from helpers.faults import install_stop_before_step
+
+    from dino.cli import main
+    from dino.training.checkpoint import LATEST, load_checkpoint
+
+    root = tmp_path / "photos"
+    write_photo_splits(root)
+    args = ["train", "--data", str(root), "--arch", "vit_tiny", "--global-size", "96",
+            "--local-size", "48", "--local-crops", "2", "--out-dim", "256", "--batch-size", "9",
+            "--epochs", "2", "--warmup-epochs", "0.5", "--precision", "fp32", "--device", "cpu",
+            "--num-workers", "1", "--eval-every", "1", "--eval-resize", "96", "--eval-crop",
+            "96", "--knn-k", "5", "--save-every", "2", "--log-every", "1"]  # fmt: skip
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([*args, "--output-dir", str(ref)]) == 0
+    results = json.loads((ref / "results.json").read_text())
+    assert [h["epoch"] for h in results["knn_history"]] == [1, 2]
+    assert results["knn"]["5"]["top1"] > 50  # 3 classes of very different pictures
+    assert not (ref / "bad_files.txt").exists()
+    assert (root / ".train.dino-index.npz").exists() and (root / ".val.dino-index.npz").exists()
+    with monkeypatch.context() as m:
+        install_stop_before_step(m, 3)
+        with pytest.raises(SystemExit):
+            main([*args, "--output-dir", str(run)])
+    assert load_checkpoint(run)["iteration"] == 3
+    assert main(["train", "--resume", str(run)]) == 0
+    a, b = load_checkpoint(ref / LATEST), load_checkpoint(run / LATEST)
+    assert a["iteration"] == b["iteration"] == 8
+    for net in ("student", "teacher"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    assert a["knn_history"] == b["knn_history"]
