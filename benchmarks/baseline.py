@@ -104,7 +104,10 @@ class PlainViT(nn.Module):
             return self.pos_embed
         cls, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         grid = grid.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)
+        # as the reference's interpolate_pos_encoding: bicubic, scale (new + 0.1) / old, no
+        # antialiasing
+        scale = ((h + 0.1) / self.grid, (w + 0.1) / self.grid)
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
         return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dino.models.backbones import build_backbone, vit
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropNet
 from dino.training.networks import build_networks
-from dino.training.optim import param_groups
+from dino.training.optim import build_optimizer, param_groups
 from dino.training.step import clip_per_parameter, ema_update, student_parts
 
 PATCH, GLOBAL, LOCAL = 4, 28, 12
@@ -76,6 +76,19 @@ def test_head_init_truncated_normal_002_and_zero_bias() -> None:
         within_one_std = (w.abs() <= 0.02).float().mean().item()
         assert within_one_std == pytest.approx(0.683, abs=0.02)
         assert torch.count_nonzero(m.bias) == 0
+
+
+def test_head_last_layer_keeps_the_linear_default_init() -> None:
+    """The reference code creates the weight-normed last layer after initializing the MLP, so its
+    directions ``v`` keep nn.Linear's init: uniform on [-1/sqrt(in), 1/sqrt(in)], std
+    1 / sqrt(3 in), 57.7 % of the mass within one std (a truncated normal 0.02 has std 0.02)."""
+    head = DINOHead(64, out_dim=4096, hidden_dim=64, bottleneck_dim=256)
+    v = head.last_layer.parametrizations.weight.original1.detach()  # [4096, 256]
+    bound = 1 / 256**0.5
+    assert v.abs().max().item() <= bound
+    assert v.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
+    within_one_std = (v.abs() <= bound / 3**0.5).float().mean().item()
+    assert within_one_std == pytest.approx(0.577, abs=0.01)
 
 
 @pytest.mark.parametrize("norm_last_layer", [True, False])
@@ -207,6 +220,28 @@ def test_vit_pos_embed_is_interpolated_for_small_crops() -> None:
         torch.testing.assert_close(net(x), ref(x), atol=1e-5, rtol=1e-4)
 
 
+def test_vit_pos_embed_resampled_as_the_reference_code() -> None:
+    """For another patch grid the reference's ``interpolate_pos_encoding`` resamples the learned
+    grid bicubically with scale factor (new + 0.1) / old and no antialiasing; timm's default
+    (antialiased, sized new / old) gives other values when shrinking 7x7 to 3x3."""
+    from timm.layers import resample_abs_pos_embed
+
+    net = tiny_vit()
+    old, new, dim = GLOBAL // PATCH, LOCAL // PATCH, net.embed_dim
+    with torch.no_grad():
+        net.pos_embed.normal_()
+        grid = net.pos_embed[:, 1:].reshape(1, old, old, dim).permute(0, 3, 1, 2)
+        scale = (new + 0.1) / old
+        expected = F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic")
+        expected = expected.permute(0, 2, 3, 1).reshape(1, new * new, dim)
+        tokens = net._pos_embed(torch.zeros(1, new, new, dim))  # [CLS] + patches, no input
+        timm_default = resample_abs_pos_embed(net.pos_embed, [new, new], [old, old])
+    assert tokens.shape == (1, 1 + new * new, dim)
+    torch.testing.assert_close(tokens[:, 1:], expected)
+    torch.testing.assert_close(tokens[:, 0], (net.cls_token + net.pos_embed[:, 0])[:, 0])
+    assert not torch.allclose(timm_default[:, 1:], expected, atol=1e-3)
+
+
 def test_vit_small_crops_use_the_positional_embedding() -> None:
     net = tiny_vit()
     x = torch.randn(1, 3, LOCAL, LOCAL)
@@ -320,6 +355,20 @@ def test_param_groups_small_module() -> None:
     ids = lambda ps: {id(p) for p in ps}
     assert ids(decay["params"]) == {id(model[0].weight), id(model[2].weight)}
     assert ids(no_decay["params"]) == {id(model[0].bias), id(model[1].weight), id(model[1].bias)}
+
+
+@pytest.mark.parametrize("arch", ["vit_small", "tv:resnet50"])
+def test_optimizer_auto_is_adamw_for_every_backbone(arch: str) -> None:
+    """``--optimizer`` defaults to AdamW as the reference's ``--optimizer adamw`` does, convnets
+    with BatchNorm included (SGD with AdamW's lr and weight decay would be far off); SGD only
+    when asked for, as the resnet50 preset does with its own lr and weight decay."""
+    convnet = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(4))
+    cfg = load_config(None, {"arch": arch})
+    assert cfg.optim.optimizer == "auto"
+    assert type(build_optimizer(convnet, cfg, torch.device("cpu"))) is torch.optim.AdamW
+    preset = load_config("resnet50")
+    assert preset.optim.optimizer == "sgd" and preset.optim.lr == 0.03
+    assert type(build_optimizer(convnet, preset, torch.device("cpu"))) is torch.optim.SGD
 
 
 def test_param_groups_on_dino_student() -> None:

@@ -337,9 +337,9 @@ class OptimConfig:
     )
     optimizer: str = _f(
         "auto",
-        "adamw, sgd (momentum 0.9) or auto: AdamW for ViTs and other backbones without "
-        "BatchNorm, SGD for BatchNorm convnets such as ResNets (the reference's choices). With "
-        "sgd use a larger --lr (0.03 for ResNet-50) and a constant weight decay.",
+        "adamw (the reference's default, for every backbone; auto is adamw) or sgd (momentum "
+        "0.9). sgd needs its own --lr and a constant weight decay (--weight-decay 1e-4 "
+        "--weight-decay-end 1e-4 --lr 0.03 for ResNet-50: the resnet50 preset).",
         choices=("auto", "adamw", "sgd"),
     )
 

@@ -7,10 +7,11 @@ vector per image ``[B, D]`` and exposes ``embed_dim`` (``D``):
   :class:`~timm.models.vision_transformer.VisionTransformer` exactly as docs/recipe.md ("Networks")
   defines them (depth 12, MLP ratio 4, qkv bias, LayerNorm eps 1e-6); the feature is the [CLS]
   token after the final norm and the learned positional embedding is bicubic-interpolated to the
-  patch grid of any input size, so one network takes both global and local crops; ``registers``
-  adds register tokens ("Vision Transformers Need Registers", Darcet et al. 2024): learned tokens
-  after [CLS] that the blocks may use as scratch space, with no positional embedding and in no
-  output (neither the feature nor the patch tokens nor the attention maps);
+  patch grid of any input size as the reference code does (:mod:`dino.models.vit`), so one
+  network takes both global and local crops; ``registers`` adds register tokens ("Vision
+  Transformers Need Registers", Darcet et al. 2024): learned tokens after [CLS] that the blocks
+  may use as scratch space, with no positional embedding and in no output (neither the feature
+  nor the patch tokens nor the attention maps);
 * any other timm model name (``convnext_tiny``, ``vit_small_patch16_224`` ...), classifier removed;
 * torchvision convnets as ``tv:<name>`` (``tv:resnet50``), classifier replaced by identity.
 """
@@ -49,12 +50,12 @@ def vit(
     to the registers, and a learned [CLS] plus a learned constant is again a learned [CLS].
     Without registers the network is the one of the DINO paper.
     """
-    from timm.models.vision_transformer import VisionTransformer
+    from dino.models.vit import DINOVisionTransformer
 
     if arch not in VIT_SIZES:
         raise DinoError(f"unknown ViT size {arch!r}; choose one of {', '.join(VIT_SIZES)}")
     dim, heads = VIT_SIZES[arch]
-    model = VisionTransformer(
+    model = DINOVisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
         embed_dim=dim,

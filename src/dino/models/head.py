@@ -42,8 +42,9 @@ class DINOHead(nn.Module):
         layers.append(nn.Linear(dims[-1], bottleneck_dim))
         self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)
+        # created after the truncated-normal init of the MLP, so that, as in the reference
+        # code, the last layer keeps nn.Linear's default (uniform) init of its directions
         last = nn.Linear(bottleneck_dim, out_dim, bias=False)
-        nn.init.trunc_normal_(last.weight, std=0.02)
         self.last_layer = nn.utils.parametrizations.weight_norm(last)
         g = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():

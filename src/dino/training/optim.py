@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from dino.config import Config
-from dino.models.backbones import has_batchnorm
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -23,14 +22,11 @@ def param_groups(model: nn.Module) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """``--optimizer``: AdamW, or SGD with momentum 0.9; ``auto`` picks AdamW for ViTs and
-    backbones without BatchNorm, SGD for BatchNorm convnets (the reference's choices)."""
+    """``--optimizer``: AdamW (also ``auto``: the reference's default for every backbone), or
+    SGD with momentum 0.9, which needs its own learning rate and weight decay (the ``resnet50``
+    preset sets them)."""
     groups = param_groups(model)
-    kind = cfg.optim.optimizer
-    if kind == "auto":
-        vit_like = cfg.model.arch.startswith("vit_") or not has_batchnorm(model)
-        kind = "adamw" if vit_like else "sgd"
-    if kind == "adamw":
+    if cfg.optim.optimizer in ("adamw", "auto"):
         # The fused kernel updates each parameter in one pass; on CPUs it is 2-3x faster than
         # foreach, which allocates temporaries the size of the model (docs/performance.md).
         if device.type in ("cpu", "cuda"):
