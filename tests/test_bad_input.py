@@ -9,18 +9,26 @@ changed. The table in docs/robustness.md lists these families.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from helpers.faults import install_nan, install_stop_before_step
 from PIL import Image
 
 from dino.cli import main
 from dino.config import leaf_fields, load_config
 from dino.errors import DinoError
+from dino.training.checkpoint import LATEST, load_checkpoint, save_checkpoint
 
 # ---------------------------------------------------------------- helpers
 
@@ -357,6 +365,50 @@ def test_evaluation_refuses_a_bad_flag(argv, words, work, capsys) -> None:
     assert (work / "taken.txt").read_text() == "keep me"
 
 
+# ---------------------------------------------------------------- weights and images
+
+R = ["--weights", "random", "--arch", "vit_pico", "--patch-size", "8"]
+
+WEIGHTS_AND_IMAGES = [
+    (["knn", "--weights", "nothing.pth"], ["nothing.pth does not exist", "dino_vits16"]),
+    (["knn", "--weights", "dino_vits99"], ["dino_vits99 does not exist"]),
+    (["knn", "--weights", "empty.pth"], ["empty.pth is not a readable", "truncated"]),
+    (["knn", "--weights", "text.pth"], ["text.pth is not a readable"]),
+    (["knn", "--weights", "foreign.pth"], ["cannot tell the architecture", "--arch"]),
+    (["knn", "--weights", "random"], ["--weights random needs an architecture"]),
+    (["knn", "--weights", "text.pth", "--like", "run"], ["--like only applies"]),
+    (["export", "nothing.pth", "--output", "out"], ["nothing.pth does not exist"]),
+    (["attention", "bad.png", *R], ["cannot read the image bad.png", "not an image"]),
+    (["attention", "missing.png", *R], ["image missing.png does not exist"]),
+    (["attention", "noimg", *R], ["no image files in noimg"]),
+    (["attention", "big.png", *R, "--image-size", "0"], ["patches of 8 px", "--image-size"]),
+    (["extract", *R, "--data", "noimg", "--output", "out"], ["no image files found in noimg"]),
+    (["knn", *R, "--data", "noimg"], ["no image files found in noimg"]),
+    (["linear", *R, "--data", "noimg", "--output-dir", "out"], ["no image files found"]),
+    (["knn", *R, "--data", "fashion_mnist"], ["did you mean", "--data fashion-mnist"]),
+    (["report", "nothing-run"], ["nothing-run has no metrics.jsonl"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"), WEIGHTS_AND_IMAGES, ids=[" ".join(a[:2]) for a, _ in WEIGHTS_AND_IMAGES]
+)
+def test_bad_weights_and_images_are_refused(argv, words, work, capsys) -> None:
+    """Missing, empty, truncated, foreign weights; unreadable, missing, oversized images;
+    folders without images: one line each, and no output folder is created."""
+    (work / "empty.pth").write_bytes(b"")
+    (work / "text.pth").write_text("not a checkpoint")
+    torch.save({"a": torch.zeros(3)}, work / "foreign.pth")
+    (work / "bad.png").write_text("not a png")
+    (work / "noimg").mkdir()
+    (work / "noimg" / "notes.txt").write_text("no images")
+    Image.new("RGB", (1200, 1200)).save(work / "big.png")  # 150 x 150 patches of 8 px
+    line = refused(argv, capsys, work)
+    for word in words:
+        assert word in line
+    assert not (work / "out").exists()
+
+
 # ---------------------------------------------------------------- evaluation folders
 
 
@@ -379,13 +431,278 @@ def test_check_data_refuses_a_folder_without_images(setup, words, work, capsys) 
         assert word in line
 
 
-def test_knn_refuses_more_neighbours_than_training_images(work, capsys) -> None:
+def test_knn_refuses_more_neighbours_than_training_images(work, capsys, caplog) -> None:
+    """k above the 6 training images: refused when no k fits, else left out with a warning
+    (never answered by a smaller k under its name)."""
     for split, n in (("train", 3), ("val", 2)):
         for c in ("a", "b"):
             for i in range(n):
                 _png(work / "data" / split / c / f"{i}.png", 16)
     argv = ["knn", "--weights", "random", "--arch", "vit_pico", "--patch-size", "8",
             "--data", str(work / "data"), "--eval-resize", "16", "--eval-crop", "16",
-            "--k", "2", "6", "7", "10", "--num-workers", "0"]  # fmt: skip
+            "--num-workers", "0", "--k"]  # fmt: skip
+    line = refused([*argv, "7", "10"], capsys, work)
+    assert "k=7, 10 asks for more neighbours than the 6 training images" in line
+    assert "pass --k values up to 6" in line
+    assert main([*argv, "2", "6", "7", "--output", "knn.json"]) == 0
+    assert list(json.loads((work / "knn.json").read_text())["knn"]) == ["2", "6"]
+    assert "k=7 exceed the 6 training images" in caplog.text and "reported: k=2, 6" in caplog.text
+
+
+# ---------------------------------------------------------------- earlier runs (dino train)
+
+ARTEFACTS = [
+    "checkpoint.pth",
+    "checkpoint-00000004.pth",
+    "teacher_backbone.pth",
+    "results.json",
+    "config.yaml",
+    "metrics.jsonl",
+    "train.log",
+    "bad_files.txt",
+    "events.out.tfevents.1.host.2.0",
+]
+
+
+@pytest.mark.parametrize("name", ARTEFACTS)
+def test_a_new_run_never_overwrites_an_earlier_one(name, work, capsys) -> None:
+    """A folder holding any file a run writes is refused for a new run (it could be resumed)."""
+    run = work / "run"
+    run.mkdir()
+    (run / name).write_text("keep me")
+    line = refused(["train", "--output-dir", str(run), "--epochs", "1"], capsys, work)
+    assert f"{run} already holds a run ({name})" in line
+    assert f"dino train --resume {run}" in line and "another --output-dir" in line
+    assert (run / name).read_text() == "keep me"
+
+
+def _run_folder(work: Path, checkpoint: dict | None = None, **overrides: object) -> Path:
+    """A run folder as `dino train --config fashion-mnist` starts it: its config.yaml, and a
+    checkpoint file holding ``checkpoint`` (keys a real one has) if given."""
+    run = work / "run"
+    run.mkdir()
+    cfg = load_config("fashion-mnist", {"output_dir": str(run), **overrides})
+    cfg.save_yaml(run / "config.yaml")
+    if checkpoint is not None:
+        torch.save({"student": {}, "config": cfg.to_dict(), **checkpoint}, run / "checkpoint.pth")
+    return run
+
+
+#: (flags given with --resume, words of the message)
+RESUME_CASES = [
+    (["--batch-size", "64"], ["--batch-size 64 (128 in the run)", "drop --batch-size"]),
+    (["--lr", "0.01"], ["--lr 0.01 (0.002 in the run)", "drop --lr", "--output-dir NEW"]),
+    (["--epochs", "20"], ["--epochs 20 (9 in the run)", "would change the run"]),
+    (["--seed", "1"], ["--seed 1", "drop --seed"]),
+    (["--teacher-temp", "0.07"], ["--teacher-temp 0.07", "exactly"]),
+    (["--global-scale", "0.5", "1"], ["--global-scale [0.5, 1.0]", "drop --global-scale"]),
+    (["--data", "other"], ["--data other", "drop --data"]),
+    (["--knn-k", "20"], ["--knn-k [20]", "drop --knn-k"]),
+    (["--precision", "bf16"], ["--precision bf16", "drop --precision"]),
+    (["--lr", "0.01", "--momentum-teacher", "0.999"], ["drop --lr --momentum-teacher"]),
+    (["--arch", "vit_nano"], ["--arch vit_nano (vit_pico in the run)", "drop --arch"]),
+    (["--depth", "4"], ["--depth 4 (3 in the run)", "cannot be used", "drop --depth"]),
+    (["--out-dim", "2048"], ["--out-dim 2048", "drop --out-dim"]),
+    (["--patch-size", "14"], ["--patch-size 14", "drop --patch-size"]),
+    (["--optimizer", "sgd"], ["--optimizer sgd", "drop --optimizer"]),
+    (["--init", "dino_vits16"], ["--init dino_vits16", "drop --init"]),
+    (["--config", "fashion-mnist"], ["--config does not apply with --resume", "drop --config"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"), RESUME_CASES, ids=[" ".join(f) for f, _ in RESUME_CASES]
+)
+def test_resume_is_exact_or_refused(flags, words, work, capsys) -> None:
+    """A flag that would change the run is refused in place, naming the flag to drop; one the
+    checkpoint cannot take (architecture, optimizer) is refused even into a new folder."""
+    run = _run_folder(work)
+    line = refused(["train", "--resume", str(run), *flags], capsys, work)
+    for word in words:
+        assert word in line
+    if "cannot be used" in line:  # not even into a new folder
+        again = refused(
+            ["train", "--resume", str(run), *flags, "--output-dir", str(work / "new")],
+            capsys,
+            work,
+        )
+        assert again == line
+
+
+def test_resume_on_another_process_count_keeps_the_global_batch(work, capsys) -> None:
+    """A checkpoint of 2 processes x 128 on 1 process: exact only with --batch-size 256."""
+    run = _run_folder(work, {"iteration": 4, "world_size": 2})
+    line = refused(["train", "--resume", str(run)], capsys, work)
+    assert "global batch of 256 (2 process(es) x 128)" in line
+    assert "pass --batch-size 256 to resume it exactly" in line and "--output-dir NEW" in line
+
+
+@pytest.mark.parametrize(
+    ("setup", "words"),
+    [
+        ("missing", ["no-such-run", "is not a run folder"]),
+        ("no-config", ["is not a run folder (no config.yaml)"]),
+        ("older-checkpoint", ["is not the latest checkpoint", "checkpoint-00000004.pth"]),
+        ("new-folder-taken", ["already holds a run (results.json)"]),
+        ("new-folder-is-file", ["is an existing file"]),
+    ],
+)
+def test_resume_refuses_a_bad_folder(setup, words, work, capsys) -> None:
+    argv = ["train", "--resume", str(work / "run")]
+    if setup == "missing":
+        argv = ["train", "--resume", str(work / "no-such-run")]
+    elif setup == "no-config":
+        (work / "run").mkdir()
+        (work / "run" / "checkpoint.pth").write_text("x")
+    else:
+        run = _run_folder(work)
+        for it in (2, 4):
+            (run / f"checkpoint-{it:08d}.pth").write_text("never loaded")
+        if setup == "older-checkpoint":
+            argv = ["train", "--resume", str(run / "checkpoint-00000002.pth")]
+        elif setup == "new-folder-taken":
+            (work / "new").mkdir()
+            (work / "new" / "results.json").write_text("{}")
+            argv += ["--lr", "0.01", "--output-dir", str(work / "new")]
+        else:
+            (work / "new").write_text("a file")
+            argv += ["--output-dir", str(work / "new")]
     line = refused(argv, capsys, work)
-    assert "k=7, 10" in line and "6 training images" in line and "--k values up to 6" in line
+    for word in words:
+        assert word in line
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+
+def test_keep_one_copies_are_independent_files(tmp_path) -> None:
+    """With --keep 1 the numbered checkpoint is a copy, not a link of checkpoint.pth: damaging
+    one leaves the other, and loading falls back to it, then to the previous checkpoint."""
+    for it in (2, 4):
+        save_checkpoint(
+            {"student": {"w": torch.full((3,), float(it))}, "iteration": it}, tmp_path, keep=1
+        )
+    latest, copy = tmp_path / LATEST, tmp_path / "checkpoint-00000004.pth"
+    assert os.stat(latest).st_ino != os.stat(copy).st_ino and os.stat(latest).st_nlink == 1
+    assert latest.read_bytes() == copy.read_bytes()
+    latest.write_bytes(latest.read_bytes()[:20])  # damaged in place
+    state = load_checkpoint(tmp_path)
+    assert state["iteration"] == 4 and torch.equal(state["student"]["w"], torch.full((3,), 4.0))
+    copy.write_bytes(b"")
+    assert load_checkpoint(tmp_path)["iteration"] == 2
+
+
+# ---------------------------------------------------------------- runs that trained nothing
+
+
+def _tiny_folder(root: Path, n: int = 8) -> Path:
+    for c in ("a", "b"):
+        for i in range(n):
+            _png(root / c / f"{i}.png", 16)
+    return root
+
+
+TINY_RUN = ["--arch", "vit_pico", "--depth", "1", "--patch-size", "8", "--global-size", "16",
+            "--local-size", "8", "--local-crops", "1", "--out-dim", "16", "--head-hidden-dim",
+            "16", "--head-bottleneck-dim", "8", "--batch-size", "8", "--precision", "fp32",
+            "--device", "cpu", "--num-workers", "0", "--warmup-epochs", "0", "--eval-every", "0",
+            "--eval-resize", "16", "--eval-crop", "16", "--knn-k", "1", "--tensorboard", "false",
+            "--blur-sigma", "0.1", "0.5"]  # fmt: skip
+
+
+def test_a_run_whose_every_step_was_skipped_is_not_a_success(work, capsys, monkeypatch) -> None:
+    """2 steps, both non-finite (fewer than --max-bad-steps): exit 2, no results.json, no
+    checkpoint of a run that trained nothing."""
+    install_nan(monkeypatch, range(100))
+    data, run = _tiny_folder(work / "data"), work / "run"
+    code = main(
+        ["train", "--data", str(data), *TINY_RUN, "--epochs", "1", "--output-dir", str(run)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "all 2 steps of this run had a non-finite loss or gradient" in err
+    assert "nothing was trained, so no results are written" in err
+    assert not (run / "results.json").exists() and not (run / LATEST).exists()
+
+
+# ---------------------------------------------------------------- slow: real runs
+
+
+@pytest.mark.slow
+def test_a_changed_resume_goes_to_a_new_folder_and_leaves_the_run(
+    work, capsys, monkeypatch, caplog
+) -> None:
+    """Stopped after 1 of 4 steps; resumed in place with settings that change nothing of the
+    result (--keep, --log-every); continued with --lr and --epochs into a new folder, which
+    leaves the finished run byte for byte as it was; a finished run is not resumed again."""
+    data, run, new = _tiny_folder(work / "data"), work / "run", work / "new"
+    args = ["train", "--data", str(data), *TINY_RUN, "--epochs", "2", "--save-every", "1"]
+    with monkeypatch.context() as m:
+        install_stop_before_step(m, 1)
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--output-dir", str(run)])
+    assert info.value.code == 128 + signal.SIGTERM
+    config = (run / "config.yaml").read_bytes()
+    assert main(["train", "--resume", str(run), "--keep", "3", "--log-every", "2"]) == 0
+    assert (run / "config.yaml").read_bytes() == config  # written once, when the run started
+    assert load_checkpoint(run)["iteration"] == 4
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+
+    line = refused(["train", "--resume", str(run)], capsys, work)
+    assert "is complete (4 iterations, 2 epochs" in line and "--output-dir NEW" in line
+    line = refused(["train", "--resume", str(run), "--output-dir", str(new)], capsys, work)
+    assert "--epochs 2 leaves nothing to train" in line
+
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--lr", "0.001",
+                 "--output-dir", str(new)]) == 0  # fmt: skip
+    assert "with changed settings (epochs 2 -> 3; lr 0.0005 -> 0.001)" in caplog.text
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    state = load_checkpoint(new)
+    assert state["iteration"] == 6 and state["config"]["optim"]["lr"] == 0.001
+    assert load_config(str(new / "config.yaml")).optim.epochs == 3
+
+
+def _signal_run(sig: int, nproc: int, data: Path, run: Path) -> subprocess.CompletedProcess:
+    """A folder run with 2 DataLoader workers per process, in its own process group; the
+    signal goes to the whole group (as schedulers, `timeout` and Ctrl-C send it)."""
+    argv = ["train", "--data", str(data), *TINY_RUN, "--num-workers", "2", "--epochs", "200",
+            "--log-every", "1", "--output-dir", str(run), "--nproc", str(nproc)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dino", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while not (run / LATEST).exists():  # a few epochs: workers started, a checkpoint saved
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint was written"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_process_group_saves_and_exits(sig, nproc, work) -> None:
+    data, run = _tiny_folder(work / "data"), work / "run"
+    proc = _signal_run(sig, nproc, data, run)
+    err = proc.stderr
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err and "exited unexpectedly" not in err, err[-3000:]
+    assert f"signal {int(sig)} received: saving a checkpoint" in err, err[-3000:]
+    assert f"--resume {run}" in err
+    state = load_checkpoint(run)
+    assert state["world_size"] == nproc
+    done = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert state["iteration"] == 1 + max(r["iteration"] for r in done if "loss" in r)

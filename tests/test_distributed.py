@@ -249,11 +249,15 @@ def test_failed_rank_stops_the_run_and_checkpoint_resumes(one_process_run, tmp_p
         _assert_same_teacher(
             _teacher(run / "checkpoint.pth"), _teacher(one_process_run / "checkpoint.pth")
         )
-    else:  # the per-process batch on 1 process: half the global batch, twice the steps
+    else:  # the per-process batch on 1 process would halve the global batch: not in place
+        before = (run / "checkpoint.pth").read_bytes()
         proc, _ = _dino(["--resume", str(run)])
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "pass --batch-size 64 to resume it exactly" in proc.stderr
+        # into a new folder: twice the steps per epoch, the run itself left as it was
+        proc, _ = _dino(["--resume", str(run), "--output-dir", str(tmp_path / "half")])
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "the data order from here on differs" in proc.stderr
         assert "iteration 4 becomes 8" in proc.stderr
-        assert "pass --batch-size 64 to keep the global batch" in proc.stderr
-        state = torch.load(run / "checkpoint.pth", map_location="cpu", weights_only=False)
+        state = torch.load(tmp_path / "half" / "checkpoint.pth", weights_only=False)
         assert state["iteration"] == 16 and state["world_size"] == 1
+        assert (run / "checkpoint.pth").read_bytes() == before

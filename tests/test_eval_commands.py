@@ -64,7 +64,7 @@ def test_knn_command(data_root, run_dir, tmp_path, capsys) -> None:
     assert "top-1" in printed and "20" in printed
     res = json.loads(out.read_text())
     assert (res["n_train"], res["n_val"], res["feature_dim"]) == (20, 10, 96)
-    assert set(res["knn"]) == {"10", "20"}  # 100 and 200 are clipped to the bank's 20
+    assert set(res["knn"]) == {"10", "20"}  # 100 and 200 exceed the bank of 20: left out
     assert res["view"] == {"resize": 32, "crop": 32, "mean": [0.3] * 3, "std": [0.35] * 3}
     assert res["knn"]["10"]["top1"] >= 80.0
     assert res["knn"]["10"]["top5"] == 100.0  # 2 classes

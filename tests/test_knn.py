@@ -69,14 +69,16 @@ def test_votes_are_summed_over_neighbors() -> None:
     assert res_sharp["4"]["top1"] == 0.0
 
 
-def test_k_larger_than_bank_is_clipped() -> None:
+def test_k_larger_than_bank_is_refused() -> None:
+    """A k the bank cannot answer is an error, not the answer of a smaller k under its name."""
     bank = torch.tensor([unit(0.9), unit(0.5), unit(0.5, -1.0)])
     bank_labels = torch.tensor([0, 1, 1])
     query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     q_labels = torch.tensor([0, 1])
-    big = weighted_knn(bank, bank_labels, query, q_labels, ks=(100,))
-    exact = weighted_knn(bank, bank_labels, query, q_labels, ks=(3,))
-    assert list(big.values()) == list(exact.values())
+    assert set(weighted_knn(bank, bank_labels, query, q_labels, ks=(1, 3))) == {"1", "3"}
+    for ks in ((4,), (3, 100), (0,)):
+        with pytest.raises(ValueError, match="the bank"):
+            weighted_knn(bank, bank_labels, query, q_labels, ks=ks)
 
 
 def test_top5_at_least_top1_and_chunking_invariant() -> None:

@@ -58,6 +58,10 @@ class Interval:
         )
 
 
+#: What ``--resume`` does with a field given a new value (see :func:`_f`).
+ON_RESUME = ("free", "change", "fixed")
+
+
 def _valid_spec(
     range: str | None = None,
     length: int | tuple[int, float] | None = None,
@@ -84,6 +88,7 @@ def _f(
     length: int | tuple[int, float] | None = None,
     increasing: bool = False,
     choices: tuple[str, ...] | None = None,
+    on_resume: str = "change",
 ) -> Any:
     """A config field: its default, its help text (also the flag's) and its valid values, all
     checked by :func:`validate`.
@@ -92,8 +97,14 @@ def _f(
     ``"(0, inf)"``); ``length``: the number of values of a list, or its ``(min, max)``;
     ``increasing``: a list's values must not decrease (a min-max pair); ``choices``: a string's
     allowed values (``"cuda:N"`` stands for any ``cuda:<number>``).
+
+    ``on_resume`` says what ``dino train --resume`` does with a new value (:data:`ON_RESUME`):
+    ``"free"``: how the run is executed, saved or logged, changed in place; ``"change"``: what
+    the run computes, only into a new run folder; ``"fixed"``: the checkpoint's shapes and
+    state depend on it, never changed.
     """
-    meta = {"help": help, **_valid_spec(range, length, increasing, choices)}
+    assert on_resume in ON_RESUME, on_resume
+    meta = {"help": help, "on_resume": on_resume, **_valid_spec(range, length, increasing, choices)}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -106,15 +117,20 @@ class ModelConfig:
         "backbone: vit_pico, vit_nano (96 and 128 wide, for small images), vit_tiny, vit_small, "
         "vit_base (with --patch-size), any timm model name, or tv:<torchvision model>. Larger "
         "ViTs learn better features but cost more per step.",
+        on_resume="fixed",
     )
     patch_size: int = _f(
         16,
         "ViT patch size in pixels. Smaller patches give better features at a quadratic cost in "
         "tokens; crop sizes must be multiples of it.",
         range="[1, inf)",
+        on_resume="fixed",
     )
     depth: int = _f(
-        12, "number of transformer blocks of our ViTs (12 in the paper).", range="[1, inf)"
+        12,
+        "number of transformer blocks of our ViTs (12 in the paper).",
+        range="[1, inf)",
+        on_resume="fixed",
     )
     drop_path_rate: float = _f(
         0.1, "stochastic depth rate of the student (the teacher uses none).", range="[0, 1)"
@@ -125,23 +141,33 @@ class ModelConfig:
         "beside [CLS] that the blocks can use as scratch space instead of taking over patch "
         "tokens. They are in no output: not the feature, the patch tokens or attention maps.",
         range="[0, inf)",
+        on_resume="fixed",
     )
     out_dim: int = _f(
         65536,
         "K, the number of prototypes of the DINO head. 65536 for ImageNet; small datasets need "
         "far fewer. Increase it if the teacher entropy saturates near log K.",
         range="[2, inf)",
+        on_resume="fixed",
     )
-    head_hidden_dim: int = _f(2048, "width of the head's hidden layers.", range="[1, inf)")
+    head_hidden_dim: int = _f(
+        2048, "width of the head's hidden layers.", range="[1, inf)", on_resume="fixed"
+    )
     head_bottleneck_dim: int = _f(
-        256, "size of the L2-normalized bottleneck of the head.", range="[1, inf)"
+        256,
+        "size of the L2-normalized bottleneck of the head.",
+        range="[1, inf)",
+        on_resume="fixed",
     )
     norm_last_layer: bool = _f(
         True,
         "freeze the weight norm of the head's last layer. False learns faster (ViT-S) but can be "
         "unstable; set it true if training diverges.",
+        on_resume="fixed",
     )
-    use_bn_in_head: bool = _f(False, "BatchNorm in the head's hidden layers (on for convnets).")
+    use_bn_in_head: bool = _f(
+        False, "BatchNorm in the head's hidden layers (on for convnets).", on_resume="fixed"
+    )
     init: str = _f(
         "",
         "start the student and teacher backbones from these weights instead of a random "
@@ -149,6 +175,7 @@ class ModelConfig:
         "folder or checkpoint file, or timm:<name> for timm's pretrained weights "
         "(timm:vit_small_patch16_224.augreg_in21k). Use it to continue pretraining on your own "
         "images; lower --lr and --warmup-epochs then. Empty: random initialization.",
+        on_resume="fixed",
     )
 
 
@@ -225,7 +252,10 @@ class DataConfig:
         choices=("auto", "pil", "tensor"),
     )
     num_workers: int = _f(
-        -1, "DataLoader workers per process; -1 picks from the core count.", range="[-1, inf)"
+        -1,
+        "DataLoader workers per process; -1 picks from the core count.",
+        range="[-1, inf)",
+        on_resume="free",
     )
     subset: int = _f(
         0,
@@ -239,6 +269,7 @@ class DataConfig:
         "replaced by another image and listed in bad_files.txt). Check a folder first with "
         "`dino check-data`; raise it to train on a known-dirty folder.",
         range="[0, 1]",
+        on_resume="free",
     )
 
 
@@ -297,6 +328,7 @@ class LossConfig:
         False,
         "iBOT's patch outputs from a head of their own (shaped as the DINO head) instead of the "
         "DINO head; DINOv2 shares the head by default, its large models use a separate one.",
+        on_resume="fixed",
     )
 
 
@@ -346,7 +378,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = _f("", "run folder; default runs/<timestamp>.")
+    output_dir: str = _f("", "run folder; default runs/<timestamp>.", on_resume="free")
     seed: int = _f(
         0,
         "seed of all randomness (data order, augmentations, initialization).",
@@ -356,6 +388,7 @@ class RunConfig:
         "auto",
         "cpu, cuda, cuda:N, or auto (CUDA when available).",
         choices=("auto", "cpu", "cuda", "cuda:N"),
+        on_resume="free",
     )
     precision: str = _f(
         "auto",
@@ -367,6 +400,7 @@ class RunConfig:
         1,
         "weighted k-NN every this many epochs when the data has labels (0: only at the end).",
         range="[0, inf)",
+        on_resume="free",
     )
     knn_k: list[int] = _f(
         [10, 20, 100, 200],
@@ -375,31 +409,41 @@ class RunConfig:
         length=(1, math.inf),
     )
     knn_temp: float = _f(0.07, "temperature of the weighted k-NN votes.", range="(0, inf)")
-    log_every: int = _f(10, "iterations between two lines of metrics.jsonl.", range="[1, inf)")
+    log_every: int = _f(
+        10, "iterations between two lines of metrics.jsonl.", range="[1, inf)", on_resume="free"
+    )
     save_every: int = _f(
         0,
         "iterations between two checkpoints (0: at the end of each epoch only).",
         range="[0, inf)",
+        on_resume="free",
     )
-    keep: int = _f(1, "number of past checkpoints kept besides the latest.", range="[0, inf)")
+    keep: int = _f(
+        1, "number of past checkpoints kept besides the latest.", range="[0, inf)", on_resume="free"
+    )
     max_bad_steps: int = _f(
         20,
         "stop the run after this many consecutive steps with a non-finite loss or gradient "
         "(each is skipped; the last checkpoint is kept). Raise it for fp16 runs whose loss "
         "scale needs many steps to settle; lower it to fail fast.",
         range="[1, inf)",
+        on_resume="free",
     )
     stop_on_collapse: bool = _f(
         False,
         "end the run (exit code 2, last checkpoint kept) when the collapse monitor detects a "
         "uniform or single-dimension collapse, instead of only warning. Use it for unattended "
         "runs and hyperparameter sweeps.",
+        on_resume="free",
     )
-    compile: bool = _f(False, "torch.compile the networks (faster steps after a slow start).")
+    compile: bool = _f(
+        False, "torch.compile the networks (faster steps after a slow start).", on_resume="free"
+    )
     tensorboard: bool = _f(
         True,
         "write TensorBoard events if tensorboard is installed, beside metrics.jsonl in the run "
         "folder (view them with `tensorboard --logdir runs`); false: metrics.jsonl only.",
+        on_resume="free",
     )
 
 
@@ -551,6 +595,17 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
         apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+def resume_changes(saved: Config, new: Config) -> dict[str, tuple[str, Any, Any]]:
+    """The fields whose values differ between a run's config ``saved`` and ``new``:
+    ``name -> (on_resume kind, saved value, new value)``."""
+    out = {}
+    for name, (section, f, _typ) in leaf_fields().items():
+        a, b = getattr(getattr(saved, section), name), getattr(getattr(new, section), name)
+        if a != b:
+            out[name] = (f.metadata.get("on_resume", "change"), a, b)
+    return out
 
 
 def valid_values(name: str) -> str:

@@ -219,6 +219,11 @@ def check_flags(args: argparse.Namespace) -> None:
     the command loads data or weights; raise :class:`DinoError` naming the first bad one."""
     command = getattr(args, "command", "")
     config = leaf_fields() if command == "train" else {}
+    if command == "train" and args.resume and args.config:
+        raise DinoError(
+            "--config does not apply with --resume (the run continues with its config.yaml); "
+            "drop --config"
+        )
     specs = {**FLAG_VALUES, **COMMAND_FLAG_VALUES.get(command, {})}
     for dest, value in vars(args).items():
         if dest in config or dest not in specs or value is None:

@@ -78,11 +78,9 @@ def train(args: argparse.Namespace) -> int:
     from dino import train as run_training
 
     overrides = config_overrides(args)
-    launch_dir = ""
     if args.resume:
         run_dir = run_folder(args.resume)
         cfg = load_config(str(run_dir / "config.yaml"), overrides)
-        launch_dir = str(run_dir)
     else:
         preset = args.config or default_preset(overrides.get("data", "fashion-mnist"))
         cfg = load_config(preset, overrides)
@@ -90,14 +88,14 @@ def train(args: argparse.Namespace) -> int:
         if args.nproc < 1:
             raise DinoError(f"--nproc must be at least 1, got {args.nproc}")
         from dino.training.distributed import launch, split_nproc
-        from dino.training.run_state import default_run_dir
+        from dino.training.run_state import default_run_dir, open_run_dir
 
         worker_argv = split_nproc(args.argv)
-        if not launch_dir:
-            launch_dir = cfg.run.output_dir
-        if not launch_dir:  # chosen here, so that every process uses the same folder
-            launch_dir = default_run_dir()
-            worker_argv += ["--output-dir", launch_dir]
+        if not args.resume and not cfg.run.output_dir:  # chosen here, for every process
+            cfg.run.output_dir = default_run_dir()
+            worker_argv += ["--output-dir", cfg.run.output_dir]
+        # refuse a bad folder or resume here, once, rather than in every process
+        launch_dir = str(open_run_dir(cfg, args.resume, args.nproc, main=False)[0])
         return launch(args.nproc, worker_argv, launch_dir)
     results = run_training(cfg, resume=args.resume)
     knn = results.get("knn") if results else None

@@ -147,13 +147,21 @@ def knn_eval(
         if capped != sorted({int(k) for k in ks}):
             log.info("k-NN with %d-image banks: k values %s", n_bank, capped)
         ks = capped
-    too_many = sorted({int(k) for k in ks if int(k) > len(train)})
-    if too_many:
+    kept = [int(k) for k in ks if int(k) <= len(train)]
+    where = f"the {len(train)} training images of {data}{f' (subset {subset})' if subset else ''}"
+    if not kept:
         raise DinoError(
-            f"k={', '.join(map(str, too_many))} asks for more neighbours than the "
-            f"{len(train)} training images of {data}"
-            f"{f' (subset {subset})' if subset else ''}; pass --k values up to {len(train)}"
+            f"k={', '.join(map(str, ks))} asks for more neighbours than {where}; pass --k "
+            f"values up to {len(train)}"
         )
+    if len(kept) < len(ks):  # left out, never answered by a smaller k under their name
+        log.warning(
+            "k-NN: k=%s exceed %s and are left out; reported: k=%s",
+            ", ".join(str(k) for k in ks if int(k) > len(train)),
+            where,
+            ", ".join(map(str, kept)),
+        )
+        ks = kept
     fb, yb = features_of(model, train, view, batch_size, num_workers, dev, "k-NN bank")
     fq, yq = features_of(model, val, view, batch_size, num_workers, dev, "k-NN queries")
     classes = num_classes(train, val)

@@ -24,14 +24,18 @@ def weighted_knn(
 ) -> dict[str, dict[str, float]]:
     """Top-1 and top-5 accuracy (percent) of the weighted k-NN for each k.
 
-    Returns ``{"20": {"top1": ..., "top5": ...}, ...}``. ``k`` larger than the bank is clipped.
+    Returns ``{"20": {"top1": ..., "top5": ...}, ...}``. Raises ``ValueError`` for a ``k``
+    outside ``[1, len(bank)]`` (callers check it first, in their users' words), rather than
+    answering a smaller k under its name.
     """
+    if any(not 1 <= int(k) <= bank.shape[0] for k in ks):
+        raise ValueError(f"k values must be in [1, {bank.shape[0]}] (the bank), got {list(ks)}")
     bank = F.normalize(bank.float(), dim=1)
     query = F.normalize(query.float(), dim=1)
     bank_labels = bank_labels.long().to(bank.device)
     query_labels = query_labels.long().to(bank.device)
     num_classes = int(num_classes or int(bank_labels.max()) + 1)
-    ks = sorted({min(int(k), bank.shape[0]) for k in ks})
+    ks = sorted({int(k) for k in ks})
     kmax = ks[-1]
     correct = {k: [0, 0] for k in ks}
     for start in range(0, query.shape[0], chunk):

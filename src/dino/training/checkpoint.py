@@ -1,28 +1,29 @@
 """Checkpoint files, written atomically (:mod:`dino.atomic_files`).
 
 A kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
-``checkpoint.pth`` is always the latest; with ``keep > 0`` the previous ones stay as
-``checkpoint-<iteration>.pth`` (hard links, no extra space for the latest). Loading a run folder
-whose ``checkpoint.pth`` is missing or unreadable falls back to the newest loadable numbered one.
+``checkpoint.pth`` is always the latest; with ``keep > 0`` it is also saved as
+``checkpoint-<iteration>.pth`` (an independent copy, so that damage to one file leaves the
+other) and the ``keep`` previous numbered ones stay. Loading a run folder whose
+``checkpoint.pth`` is missing or unreadable falls back to the newest loadable numbered one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
-from dino.atomic_files import save_torch
+from dino.atomic_files import atomic_write, save_torch
 from dino.errors import DinoError
 
 LATEST = "checkpoint.pth"
-_NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
+NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
 
 log = logging.getLogger("dino")
 
@@ -56,14 +57,17 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, keep: int = 0) -
         return latest
     numbered = run_dir / f"checkpoint-{int(state['iteration']):08d}.pth"
     save_torch(state, numbered)
-    tmp = run_dir / f".{LATEST}.link-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.link(numbered, tmp)
-    os.replace(tmp, latest)
-    old = sorted(p for p in run_dir.iterdir() if _NUMBERED.match(p.name))
+    # an independent copy, not a link: damage to one file leaves the other intact
+    atomic_write(latest, lambda f: _copy_into(numbered, f))
+    old = sorted(p for p in run_dir.iterdir() if NUMBERED.match(p.name))
     for p in old[: -(keep + 1)]:
         p.unlink(missing_ok=True)
     return latest
+
+
+def _copy_into(source: Path, f: IO[bytes]) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 24)
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
@@ -83,7 +87,7 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds any checkpoint file (loadable or not)."""
     run_dir = Path(run_dir)
     return (run_dir / LATEST).exists() or any(
-        _NUMBERED.match(p.name) for p in run_dir.glob("checkpoint-*.pth")
+        NUMBERED.match(p.name) for p in run_dir.glob("checkpoint-*.pth")
     )
 
 
@@ -98,7 +102,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_dir():
         return _load_file(path, map_location)
     numbered = sorted(
-        (p for p in path.glob("checkpoint-*.pth") if _NUMBERED.match(p.name)), reverse=True
+        (p for p in path.glob("checkpoint-*.pth") if NUMBERED.match(p.name)), reverse=True
     )
     try:
         return _load_file(path / LATEST, map_location)

@@ -3,6 +3,7 @@ process extracts the features of every ``world``-th image, rank 0 gathers them a
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -11,10 +12,39 @@ from tqdm import tqdm
 
 from dino.config import Config
 from dino.data.datasets import TensorImages, TrainingData, shard
+from dino.errors import DinoError
 from dino.eval.features import extract
 from dino.eval.neighbors import weighted_knn
 from dino.eval.views import EvalView, eval_batches
 from dino.training.distributed import Dist, gather_strided
+
+log = logging.getLogger("dino")
+
+
+def knn_ks(cfg: Config, bank: int) -> list[int]:
+    """The k values of ``--knn-k`` that a bank of ``bank`` images can answer (k <= bank)."""
+    return [k for k in cfg.run.knn_k if k <= bank]
+
+
+def check_knn_k(cfg: Config, data: TrainingData) -> None:
+    """Before a run starts: refuse ``--knn-k`` values that no k-NN bank of ``data`` can answer,
+    and say which ones will be left out."""
+    if data.knn_bank is None or data.knn_query is None:
+        return
+    n = len(data.knn_bank)
+    kept = knn_ks(cfg, n)
+    if not kept:
+        raise DinoError(
+            f"knn_k {cfg.run.knn_k}: every k is larger than the {n} images of the k-NN bank; "
+            f"pass --knn-k values up to {n}"
+        )
+    if len(kept) < len(cfg.run.knn_k):
+        log.warning(
+            "k-NN: k=%s exceed the %d images of the bank and are left out; reported: k=%s",
+            ", ".join(str(k) for k in cfg.run.knn_k if k > n),
+            n,
+            ", ".join(map(str, kept)),
+        )
 
 
 def teacher_knn(
@@ -75,7 +105,7 @@ def _knn(
         yb.to(device),
         fq.to(device),
         yq.to(device),
-        cfg.run.knn_k,
+        knn_ks(cfg, len(fb)),
         cfg.run.knn_temp,
         num_classes=len(bank_ds.classes) or None,
     )

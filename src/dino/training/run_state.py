@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 
 from dino.atomic_files import save_torch
-from dino.config import Config
+from dino.config import Config, load_config, resume_changes
 from dino.errors import DinoError
 from dino.training.checkpoint import (
     LATEST,
+    NUMBERED,
     has_checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
@@ -44,27 +45,157 @@ def default_run_dir() -> str:
     return f"runs/{datetime.now():%Y%m%d-%H%M%S}"
 
 
+#: What a run writes into its folder; a new run refuses a folder that holds any of them.
+RUN_FILES = (
+    "checkpoint.pth",
+    "checkpoint-*.pth",
+    "teacher_backbone.pth",
+    "results.json",
+    "config.yaml",
+    "metrics.jsonl",
+    "train.log",
+    "bad_files.txt",
+    "events.out.tfevents.*",
+)
+
+
+def run_files(folder: str | Path) -> list[str]:
+    """The names of the run files (:data:`RUN_FILES`) in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted({p.name for pattern in RUN_FILES for p in folder.glob(pattern)})
+
+
+def check_new_run_dir(run_dir: str | Path) -> None:
+    """Refuse a folder for a new run if it is a file or holds an earlier run's files (never
+    overwrite a run)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DinoError(f"--output-dir {run_dir} is an existing file, not a folder")
+    found = run_files(run_dir)
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise DinoError(
+            f"{run_dir} already holds a run ({shown}); continue it with "
+            f"`dino train --resume {run_dir}` or choose another --output-dir"
+        )
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def resume_target(cfg: Config, saved: Config, source: Path) -> Path:
+    """The folder a resumed run writes to: ``source`` itself, or the new folder that
+    ``--output-dir`` names (then ``source`` stays as it is)."""
+    out = cfg.run.output_dir
+    if not out or out == saved.run.output_dir or Path(out).resolve() == source.resolve():
+        return source
+    return Path(out)
+
+
+def check_resume(
+    cfg: Config, source: Path, target: Path, world: int, state: dict[str, Any] | None
+) -> None:
+    """Refuse a resume that would not continue the run in ``source`` exactly.
+
+    ``cfg`` is the run's config.yaml with the flags given now, ``state`` the checkpoint
+    (None: the run wrote none yet), ``world`` the number of processes now. Settings marked
+    ``on_resume="fixed"`` never change; ``"change"`` ones only into a new folder ``target``
+    (``source`` is then left as it is); ``"free"`` ones anywhere. The batch size counts as
+    changed only when the global batch (per-process batch x processes) changes.
+    """
+    saved = load_config(str(source / "config.yaml"))
+    in_place = target == source
+    changes = resume_changes(saved, cfg)
+    changes.pop("output_dir", None)
+    if state is not None:
+        old_batch = int((state.get("config") or {}).get("optim", {}).get("batch_size", 0))
+        old_world = int(state.get("world_size", 1))
+        old_global = old_world * (old_batch or saved.optim.batch_size)
+        if old_global == world * cfg.optim.batch_size:
+            changes.pop("batch_size", None)  # exact: the same global batch
+        elif in_place and "batch_size" not in changes:  # only the number of processes differs
+            same = (
+                f"pass --batch-size {old_global // world} to resume it exactly"
+                if old_global % world == 0
+                else f"resume it on {old_world} process(es)"
+            )
+            raise DinoError(
+                f"{source} was made with a global batch of {old_global} ({old_world} "
+                f"process(es) x {old_batch}); on {world} process(es) {same}, or add --output-dir "
+                f"NEW to continue it with global batch {world * cfg.optim.batch_size} in a new "
+                f"run folder ({source} stays as it is)"
+            )
+
+    def said(items: dict[str, tuple[str, Any, Any]]) -> str:
+        return ", ".join(
+            f"{_flag(n)} {new} ({old} in the run)" for n, (_k, old, new) in items.items()
+        )
+
+    fixed = {n: v for n, v in changes.items() if v[0] == "fixed"}
+    if fixed:
+        raise DinoError(
+            f"{said(fixed)} cannot be used to resume {source}: its checkpoint fits only the "
+            f"run's own settings; drop {' '.join(_flag(n) for n in fixed)}"
+        )
+    changed = {n: v for n, v in changes.items() if v[0] == "change"}
+    if changed and in_place:
+        raise DinoError(
+            f"{said(changed)} would change the run {source}, which resumes exactly as it was "
+            f"made: drop {' '.join(_flag(n) for n in changed)}, or add --output-dir NEW to "
+            f"continue it with the change in a new run folder ({source} stays as it is)"
+        )
+    if changed:
+        log.warning(
+            "continuing %s in %s with changed settings (%s): %s is left as it is",
+            source,
+            target,
+            "; ".join(f"{n} {old} -> {new}" for n, (_k, old, new) in changed.items()),
+            source,
+        )
+
+
 def open_run_dir(
-    cfg: Config, resume: str | Path | None, main: bool
+    cfg: Config, resume: str | Path | None, world: int = 1, main: bool = True
 ) -> tuple[Path, dict[str, Any] | None]:
     """The run folder and, when resuming, the checkpoint state to continue from.
 
     ``resume``: a run folder or one of its checkpoint files (None: a new run in
-    ``cfg.run.output_dir``, which must not hold a run already). ``main``: whether this process
+    ``cfg.run.output_dir``, which must not hold a run already). A resumed run continues in its
+    own folder exactly as it was, or, when ``cfg.run.output_dir`` names another folder, in that
+    new folder with the changed settings (:func:`check_resume`). ``main``: whether this process
     may clean up what interrupted writes left in the folder.
     """
     if resume is None:
         run_dir = Path(cfg.run.output_dir or default_run_dir())
-        if (run_dir / LATEST).exists():
-            raise DinoError(
-                f"{run_dir} already holds a run; continue it with "
-                f"`dino train --resume {run_dir}` or choose another --output-dir"
-            )
+        check_new_run_dir(run_dir)
         return run_dir, None
     resume = Path(resume)
-    run_dir = resume if resume.is_dir() else resume.parent
+    source = resume if resume.is_dir() else resume.parent
+    if not (source / "config.yaml").exists():
+        raise DinoError(
+            f"{resume} is not a run folder (no config.yaml); pass the folder that `dino train` "
+            "wrote"
+        )
+    target = resume_target(cfg, load_config(str(source / "config.yaml")), source)
+    if target != source:
+        check_new_run_dir(target)
+    if resume.is_file() and target == source:
+        newer = [
+            p.name
+            for p in source.glob("checkpoint-*.pth")
+            if NUMBERED.match(p.name) and p.name > resume.name
+        ]
+        if resume.name != LATEST and newer:
+            raise DinoError(
+                f"{resume} is not the latest checkpoint of its run ({', '.join(sorted(newer))} "
+                "came later): continuing from it in place would overwrite them; continue from it "
+                "in a new run folder with --output-dir NEW"
+            )
     state = None
-    if resume.is_dir() and (resume / "config.yaml").exists() and not has_checkpoint(resume):
+    if resume.is_dir() and not has_checkpoint(resume):
         log.warning(
             "%s holds no checkpoint yet (the run stopped before writing one): "
             "starting it from the beginning",
@@ -72,10 +203,11 @@ def open_run_dir(
         )
     else:
         state = load_checkpoint(resume)
-    if main:
-        for p in remove_stale_temporaries(run_dir):
+    check_resume(cfg, source, target, world, state)
+    if main and target == source:
+        for p in remove_stale_temporaries(source):
             log.info("removed %s, left by a write that was interrupted", p)
-    return run_dir, state
+    return target, state
 
 
 def state_dict(t: Trainer) -> dict[str, Any]:
@@ -121,61 +253,46 @@ def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
     t.knn_history = list(s.get("knn_history", []))
     if "monitor" in s:
         t.monitor.load_state_dict(s["monitor"])
-    if s.get("world_size", 1) != t.d.world:
-        _adapt_to_world(t, s)
-    elif "rng" in s:
-        set_rng_state(s["rng"])
-        if t.d.world > 1:
-            torch.manual_seed(t.cfg.run.seed * 1000 + t.d.rank + t.iteration)
-
-
-def _adapt_to_world(t: Trainer, s: dict[str, Any]) -> None:
-    """Resume a checkpoint written by another number of processes.
-
-    With the same global batch (per-process ``--batch-size`` x processes) nothing changes:
-    global batch ``g`` holds the same samples and augmentations whatever the number of
-    processes. With another global batch the position in the epoch is converted to the new
-    number of steps per epoch (in samples seen), the learning rate follows the new global
-    batch, and the data order differs from an uninterrupted run: both are warned about.
-    """
     old_world = int(s.get("world_size", 1))
-    old_batch = int(
-        (s.get("config") or {}).get("optim", {}).get("batch_size", t.cfg.optim.batch_size)
-    )
-    old_global, new_global = old_world * old_batch, t.batches.sampler.global_batch
-    if old_global == new_global:
+    old_batch = int((s.get("config") or {}).get("optim", {}).get("batch_size", 0))
+    if old_batch and old_world * old_batch != t.batches.sampler.global_batch:
+        _reposition(t, old_world, old_batch)  # into a new folder only (check_resume)
+    elif old_world != t.d.world:
         log.warning(
             "resuming a run written by %d process(es) with %d: the global batch (%d), the "
             "data order and the augmentations are unchanged; only drop-path randomness "
             "differs from an uninterrupted run",
             old_world,
             t.d.world,
-            new_global,
+            t.batches.sampler.global_batch,
         )
-        return
+    elif "rng" in s:
+        set_rng_state(s["rng"])
+        if t.d.world > 1:
+            torch.manual_seed(t.cfg.run.seed * 1000 + t.d.rank + t.iteration)
+
+
+def _reposition(t: Trainer, old_world: int, old_batch: int) -> None:
+    """Continue a checkpoint written with another global batch (``old_world`` processes of
+    ``old_batch``) in a new run folder: the position in the epoch is converted to the new
+    number of steps per epoch (in samples seen); the learning rate follows the new global
+    batch, and the data order differs from both runs."""
+    old_global, new_global = old_world * old_batch, t.batches.sampler.global_batch
     n = len(t.data.train)
     old_steps = max(1, n // old_global)
     epoch, step = divmod(t.iteration, old_steps)
     converted = epoch * t.steps_per_epoch + min(
         step * old_global // new_global, t.steps_per_epoch - 1
     )
-    keep = old_global // t.d.world
     log.warning(
-        "resuming a run written by %d process(es) of batch %d (global batch %d) with %d "
-        "process(es) of batch %d (global batch %d): the data order from here on differs from "
-        "an uninterrupted run, iteration %d becomes %d and the learning rate follows the new "
-        "global batch%s",
-        old_world,
-        old_batch,
+        "continuing a checkpoint of global batch %d with global batch %d (%d process(es) of "
+        "%d): iteration %d becomes %d, the learning rate follows the new global batch",
         old_global,
+        new_global,
         t.d.world,
         t.cfg.optim.batch_size,
-        new_global,
         t.iteration,
         converted,
-        f"; pass --batch-size {keep} to keep the global batch"
-        if keep * t.d.world == old_global
-        else "",
     )
     t.iteration = converted
 

@@ -19,10 +19,12 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -57,7 +59,9 @@ class Trainer:
         self.d: Dist = setup_distributed(cfg.run.device)
         self.device = resolve_device(cfg.run.device, self.d.world, self.d.local_rank)
         self.precision = resolve_precision(cfg.run.precision, self.device)
-        self.run_dir, resume_state = run_state.open_run_dir(cfg, resume, self.d.main)
+        self.run_dir, resume_state = run_state.open_run_dir(cfg, resume, self.d.world, self.d.main)
+        if self.d.world > 1:  # every process checked the folder before rank 0 writes to it
+            dist.barrier()
         torch.manual_seed(cfg.run.seed + self.d.rank)
         # a folder's file list is cached beside it, or in the run folder (read-only parent)
         self.data = open_training_data(cfg.data.data, cfg.data.subset, self.run_dir)
@@ -107,8 +111,31 @@ class Trainer:
         if resume_state is not None:
             run_state.load_state_dict(self, resume_state)
             self.last_saved = self.iteration
+            self._check_work_left(resume)
+        self.steps_run = self.good_steps = 0  # in this process's session
         self._stop_signal: int | None = None
         self._log_handler: logging.Handler | None = None
+
+    def _check_work_left(self, resume: str | Path | None) -> None:
+        """Refuse to resume a run that is already complete (its results are written), or to
+        continue a checkpoint into a new folder with no more iterations to train."""
+        if self.iteration < self.total_steps:
+            return
+        epochs = self.iteration / self.steps_per_epoch
+        if (self.run_dir / "results.json").exists():
+            raise DinoError(
+                f"{self.run_dir} is complete ({self.iteration} iterations, {epochs:g} epochs, "
+                "results.json written): nothing to resume; evaluate it with `dino knn` or "
+                "`dino linear`, or train it further into a new folder with "
+                f"`dino train --resume {resume} --epochs MORE --output-dir NEW`"
+            )
+        source = Path(resume or "")
+        source = source if source.is_dir() else source.parent
+        if self.run_dir.resolve() != source.resolve():  # continued into a new folder
+            raise DinoError(
+                f"--epochs {self.cfg.optim.epochs} leaves nothing to train: the checkpoint is at "
+                f"iteration {self.iteration} ({epochs:g} epochs); pass more --epochs"
+            )
 
     def state(self) -> dict[str, Any]:
         """The checkpoint of the current iteration (:func:`run_state.state_dict`)."""
@@ -156,7 +183,8 @@ class Trainer:
         metrics = None
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save_yaml(self.run_dir / "config.yaml")
+            if not (self.run_dir / "config.yaml").exists():  # written once, when the run starts
+                cfg.save_yaml(self.run_dir / "config.yaml")
             self._attach_log_file()
             evaluated = {int(h["epoch"]) for h in self.knn_history}
             metrics = MetricsFile(
@@ -210,11 +238,13 @@ class Trainer:
                     mininterval=1.0 if sys.stderr.isatty() else 30.0,
                 )
                 t_last, n_last = time.time(), 0
-                for views, bad in self.batches.epoch(epoch, start):
+                for views, bad in self._batches(epoch, start):
                     self.bad_files.note(bad)
                     it = self.iteration
                     out = train_step(self, views)
                     self.iteration += 1
+                    self.steps_run += 1
+                    self.good_steps += "skipped" not in out
                     n_last += views[0].shape[0] * d.world
                     self._after_step(it, out, metrics)
                     now = time.time()
@@ -235,12 +265,28 @@ class Trainer:
                         self.save()
                 bar.close()
                 last = epoch + 1 == cfg.optim.epochs
+                if last and self.steps_run and not self.good_steps:
+                    raise DinoError(self._no_update_message())
                 if self._eval_due(epoch + 1) and not last:
                     self._eval_and_log(metrics, epoch + 1)
                 if not self.monitor.bad_streak or last:
                     self.save()
                 if self._stop_requested():
                     raise _Interrupted
+        except RuntimeError as exc:
+            if self._stop_signal is None or "DataLoader worker" not in str(exc):
+                raise
+            # the signal also reached a DataLoader worker that was starting, and torch reported
+            # it in the middle of a step: that step's state is not known to be whole
+            log.warning(
+                "signal %d received while the data loader's workers stopped: keeping %s",
+                self._stop_signal,
+                "no checkpoint (none was written yet)"
+                if self.last_saved is None
+                else f"the last checkpoint (iteration {self.last_saved})",
+            )
+            log.warning("continue with `dino train --resume %s`", self.run_dir)
+            raise SystemExit(128 + self._stop_signal) from None
         except _Interrupted:
             log.warning(
                 "signal %d received: saving a checkpoint at iteration %d and exiting",
@@ -270,6 +316,35 @@ class Trainer:
             log.info("run folder: %s", self.run_dir)
         return results
 
+    def _no_update_message(self) -> str:
+        """Why a run whose steps were all skipped (non-finite) ends without results."""
+        kept = (
+            "no checkpoint was written"
+            if self.last_saved is None
+            else f"the last checkpoint (iteration {self.last_saved}) is kept"
+        )
+        return (
+            f"all {self.steps_run} steps of this run had a non-finite loss or gradient and were "
+            f"skipped: nothing was trained, so no results are written ({kept}); lower --lr, use "
+            "--precision fp32 or lower --teacher-temp and start again"
+        )
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[list[torch.Tensor], list[str]]]:
+        """The batches of ``epoch`` from step ``start``; a stop signal that also ended the
+        DataLoader's workers (sent to the whole process group) stops the run cleanly at the
+        current iteration instead of failing."""
+        batches = self.batches.epoch(epoch, start)
+        while True:
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if self._stop_signal is None or "DataLoader worker" not in str(exc):
+                    raise
+                raise _Interrupted from None
+            yield item
+
     def _eval_due(self, epoch: int) -> bool:
         """Whether the k-NN evaluation runs after ``epoch`` epochs (before the last one)."""
         every = self.cfg.run.eval_every
@@ -289,7 +364,8 @@ class Trainer:
             else:
                 hint = (
                     f", then continue from the last checkpoint (iteration {self.last_saved}) "
-                    f"with `dino train --resume {self.run_dir}` and the changed flags"
+                    f"with `dino train --resume {self.run_dir}`, the changed flags and "
+                    "--output-dir NEW"
                 )
             self.monitor.bad_step(it, out["skipped"], cfg.run.max_bad_steps, hint)
             return
