@@ -307,6 +307,32 @@ def test_train_refuses_a_bad_path(flags, words, work, capsys) -> None:
     assert (work / "taken.txt").read_text() == "keep me"
 
 
+# ---------------------------------------------------------------- usage mistakes (argparse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["knn", "--weights", "x", "--k", "abc"], ["argument --k: invalid int value: 'abc'"]),
+        (["train", "--nproc", "two"], ["argument --nproc: invalid int value"]),
+        (["knn"], ["the following arguments are required: --weights", "dino knn --help"]),
+        (["train", "--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+        (["knn", "--weights", "x", "--mean", "0.5"], ["argument --mean: expected 3 arguments"]),
+        ([], ["the following arguments are required: command"]),
+    ],
+)
+def test_usage_mistakes_are_one_line(argv, words, work, capsys) -> None:
+    """Mistakes argparse catches also end in one ``dino: error:`` line (and exit code 2)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert info.value.code == 2 and len(lines) == 1 and lines[0].startswith("dino: error: ")
+    for word in words:
+        assert word in lines[0]
+    assert not any(work.iterdir())
+
+
 # ---------------------------------------------------------------- evaluation commands' flags
 
 W = ["--weights", "no-such-weights.pth"]  # never loaded: the flags are checked first

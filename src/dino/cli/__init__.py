@@ -12,7 +12,7 @@ import logging
 import sys
 
 from dino.cli import copy_detection, evaluate, export, retrieval, track, train, visualize
-from dino.cli.flags import check_flags
+from dino.cli.flags import OneLineParser, check_flags
 from dino.errors import DinoError
 
 #: The command modules, in the order ``dino --help`` lists their commands.
@@ -20,7 +20,7 @@ COMMAND_MODULES = [train, evaluate, track, retrieval, copy_detection, visualize,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dino",
         description="DINO self-supervised pretraining of vision backbones, and their evaluation.",
     )

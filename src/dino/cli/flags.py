@@ -7,10 +7,18 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dino.config import check_value, leaf_fields
 from dino.errors import DinoError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage mistakes (an unknown flag, ``--k abc``, a missing
+    argument) end like every other error: one line ``dino: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"dino: error: {message}; see `{self.prog} --help`\n")
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
