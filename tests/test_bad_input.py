@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -659,8 +660,9 @@ def test_a_changed_resume_goes_to_a_new_folder_and_leaves_the_run(
     work, capsys, monkeypatch, caplog
 ) -> None:
     """Stopped after 1 of 4 steps; resumed in place with settings that change nothing of the
-    result (--keep, --log-every); continued with --lr and --epochs into a new folder, which
-    leaves the finished run byte for byte as it was; a finished run is not resumed again."""
+    result (--keep, --log-every, its images moved to another folder, but not other images);
+    continued with --lr and --epochs into a new folder, which leaves the finished run byte for
+    byte as it was; a finished run is not resumed again."""
     data, run, new = _tiny_folder(work / "data"), work / "run", work / "new"
     args = ["train", "--data", str(data), *TINY_RUN, "--epochs", "2", "--save-every", "1"]
     with monkeypatch.context() as m:
@@ -669,7 +671,13 @@ def test_a_changed_resume_goes_to_a_new_folder_and_leaves_the_run(
             main([*args, "--output-dir", str(run)])
     assert info.value.code == 128 + signal.SIGTERM
     config = (run / "config.yaml").read_bytes()
-    assert main(["train", "--resume", str(run), "--keep", "3", "--log-every", "2"]) == 0
+    fewer = _tiny_folder(work / "fewer", n=4)  # another data set: refused in place
+    capsys.readouterr()
+    line = refused(["train", "--resume", str(run), "--data", str(fewer)], capsys, work)
+    assert "holds 8 training images, the run in" in line and "trained on 16" in line
+    shutil.copytree(data, work / "moved")  # the same images elsewhere: fine
+    assert main(["train", "--resume", str(run), "--keep", "3", "--log-every", "2",
+                 "--data", str(work / "moved")]) == 0  # fmt: skip
     assert (run / "config.yaml").read_bytes() == config  # written once, when the run started
     assert load_checkpoint(run)["iteration"] == 4
     before = {p.name: p.read_bytes() for p in run.iterdir()}

@@ -110,6 +110,8 @@ def check_resume(
     in_place = target == source
     changes = resume_changes(saved, cfg)
     changes.pop("output_dir", None)
+    if in_place and state is not None and "images" in state:
+        changes.pop("data", None)  # the same images moved elsewhere: the Trainer counts them
     if state is not None:
         old_batch = int((state.get("config") or {}).get("optim", {}).get("batch_size", 0))
         old_world = int(state.get("world_size", 1))
@@ -230,11 +232,20 @@ def state_dict(t: Trainer) -> dict[str, Any]:
         "bad_files": t.bad_files.paths,
         "knn_history": t.knn_history,
         "monitor": t.monitor.state_dict(),
+        "images": len(t.data.train),
     }
 
 
 def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
     """Put the checkpoint ``s`` into the trainer ``t``."""
+    trained_on = s.get("images")
+    if t.resumed_in_place and trained_on is not None and trained_on != len(t.data.train):
+        raise DinoError(
+            f"{t.cfg.data.data} holds {len(t.data.train)} training images, the run in "
+            f"{t.run_dir} trained on {trained_on}: resuming it there would change it; pass its "
+            "own data with --data, or add --output-dir NEW to continue it on these images in a "
+            "new run folder"
+        )
     try:
         t.student.load_state_dict(s["student"])
         t.teacher.load_state_dict(s["teacher"])

@@ -108,6 +108,9 @@ class Trainer:
         )
         self.knn_history: list[dict[str, Any]] = []
         self.last_saved: int | None = None
+        source = Path(resume) if resume is not None else None
+        source = source if source is None or source.is_dir() else source.parent
+        self.resumed_in_place = source is not None and source.resolve() == self.run_dir.resolve()
         if resume_state is not None:
             run_state.load_state_dict(self, resume_state)
             self.last_saved = self.iteration
@@ -129,9 +132,7 @@ class Trainer:
                 "`dino linear`, or train it further into a new folder with "
                 f"`dino train --resume {resume} --epochs MORE --output-dir NEW`"
             )
-        source = Path(resume or "")
-        source = source if source.is_dir() else source.parent
-        if self.run_dir.resolve() != source.resolve():  # continued into a new folder
+        if not self.resumed_in_place:  # continued into a new folder
             raise DinoError(
                 f"--epochs {self.cfg.optim.epochs} leaves nothing to train: the checkpoint is at "
                 f"iteration {self.iteration} ({epochs:g} epochs); pass more --epochs"
