@@ -1,9 +1,10 @@
-"""Datasets: any folder of images, and the built-in Fashion-MNIST.
+"""Datasets: any folder of images, and the built-in Fashion-MNIST and Fashion-MNIST scenes.
 
 Two kinds of dataset feed training:
 
 * :class:`TensorImages`: a whole dataset as one ``uint8 [N, C, H, W]`` tensor (the built-in
-  Fashion-MNIST); it is augmented in batches on the training device (:mod:`tensor_aug`).
+  Fashion-MNIST, and its scenes of :mod:`dino.data.scenes`); it is augmented in batches on the
+  training device (:mod:`tensor_aug`).
 * :class:`ImageFiles`: image files of a folder, decoded with PIL in DataLoader workers. Its items
   are addressed by ``(epoch, index)`` so that each sample's augmentation is seeded from
   (seed, epoch, index) alone. An unreadable file is replaced by the next readable one and
@@ -44,7 +45,7 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-BUILTIN = ("fashion-mnist",)
+BUILTIN = ("fashion-mnist", "fashion-mnist-scenes")
 
 IMAGE_EXTENSIONS = {
     ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
@@ -118,6 +119,19 @@ def image_paths(items: list[str] | list[Path]) -> list[Path]:
     if not files:
         raise DinoError(f"no image files in {' '.join(str(i) for i in items)}")
     return files
+
+
+def builtin_split(name: str, split: str, n: int = 0) -> TensorImages:
+    """The ``train`` or ``test`` split of a built-in dataset (:data:`BUILTIN`); the scenes are
+    generated (only the first ``n`` when ``n > 0``)."""
+    if name == "fashion-mnist-scenes":
+        from dino.data.scenes import fashion_mnist_scenes
+
+        scenes = fashion_mnist_scenes(split, n)
+        return TensorImages(scenes.images, scenes.labels, scenes.classes, scenes.name)
+    if name == "fashion-mnist":
+        return fashion_mnist(split)
+    raise DinoError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN)}")
 
 
 class BadImage(Exception):
@@ -365,17 +379,20 @@ def open_training_data(
     """Resolve ``--data`` (see :func:`_open`), keeping the first ``subset`` images if > 0.
     ``index_dir`` (the run folder) keeps the file lists of folders whose parent is read-only
     (:func:`scan_folder`)."""
-    d = _open(data, index_dir)
+    d = _open(data, index_dir, subset)
     return TrainingData(
         _head(d.train, subset), _head(d.knn_bank, subset), _head(d.knn_query, subset)
     )
 
 
-def _open(data: str, index_dir: str | Path | None = None) -> TrainingData:
-    """Resolve ``--data``: the built-in name, or a folder. A folder with ``train/`` and ``val/``
+def _open(data: str, index_dir: str | Path | None = None, subset: int = 0) -> TrainingData:
+    """Resolve ``--data``: a built-in name, or a folder. A folder with ``train/`` and ``val/``
     (or ``test/``) class subfolders trains on ``train``; k-NN goes from ``train`` to ``val``."""
-    if data in BUILTIN:
+    if data == "fashion-mnist":
         return TrainingData(fashion_mnist("train"), fashion_mnist("train"), fashion_mnist("test"))
+    if data in BUILTIN:  # generated in memory once: the training set is also the k-NN bank
+        train = builtin_split(data, "train", subset)
+        return TrainingData(train, train, builtin_split(data, "test", subset))
     root = Path(data)
     train_dir = root / "train"
     val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)

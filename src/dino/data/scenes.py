@@ -366,11 +366,16 @@ def make_scenes(
         raise ValueError(f"scene indices must be in 0..{n - 1} for the {split} split")
     images = torch.empty(len(idx), 3, size, size, dtype=torch.uint8)
     masks = torch.empty(len(idx), size, size, dtype=torch.bool)
-    for start in range(0, len(idx), chunk):
-        part = idx[start : start + chunk]
-        params = scene_params(split, part, sources, seed, size)
-        end = start + len(part)
-        images[start:end], masks[start:end] = render_scenes(sources, params, size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: more threads cost more than they save
+    try:
+        for start in range(0, len(idx), chunk):
+            part = idx[start : start + chunk]
+            params = scene_params(split, part, sources, seed, size)
+            end = start + len(part)
+            images[start:end], masks[start:end] = render_scenes(sources, params, size)
+    finally:
+        torch.set_num_threads(threads)
     assert src.labels is not None
     labels = src.labels[torch.tensor(idx, dtype=torch.long)]
     return Scenes(images, masks, labels, list(src.classes), f"fashion-mnist-scenes/{split}")

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dino.config import check_value
-from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, decode_bad, fashion_mnist
+from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, builtin_split, decode_bad
 from dino.devices import resolve_device
 from dino.errors import DinoError
 from dino.eval.features import extract, loader_batches
@@ -225,7 +225,7 @@ def extract_features(
     if data in BUILTIN:
         if split not in ("train", "test"):
             raise DinoError(f"--split must be train or test for {data}, got {split!r}")
-        ds: Data = fashion_mnist(split)
+        ds: Data = builtin_split(data, split)
         paths = [f"{data}/{split}/{i}" for i in range(len(ds))]
     else:
         ds = ImageFiles(data)

@@ -199,12 +199,12 @@ def plot_collapse(steps: Sequence[dict[str, Any]], out_dim: int | None, path: Pa
 def sample_images(data: str, n: int) -> list[tuple[str, Image.Image]]:
     """``n`` (caption, picture) pairs of the run's data: Fashion-MNIST test images of different
     classes, or images spread over a folder. Empty when the data cannot be found."""
-    from dino.data.datasets import BUILTIN, BadImage, fashion_mnist, load_image, scan_folder
+    from dino.data.datasets import BUILTIN, BadImage, builtin_split, load_image, scan_folder
 
     if n <= 0:
         return []
     if data in BUILTIN:
-        test = fashion_mnist("test")
+        test = builtin_split(data, "test", 1000)
         labels = test.labels.tolist() if test.labels is not None else [-1] * len(test)
         picks: list[int] = []
         for c in range(len(test.classes)):
