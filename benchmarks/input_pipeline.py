@@ -9,7 +9,9 @@ process, taking turns (rounds alternate their order):
 * ``pil``: ``dino train --augment pil``: every view made per image with PIL / torchvision in the
   workers;
 * ``reference``: the reference code's ``DataAugmentationDINO`` (rebuilt in
-  ``benchmarks/reference_aug.py``) and its image loader.
+  ``benchmarks/reference_aug.py``) and its image loader;
+* ``memory`` (``--paths ...,memory``): the same images decoded once and held in memory, as
+  the built-in datasets are (the batched path without workers).
 
 For each: wall-clock images per second, and CPU time per image, split into the workers' share
 and the training process's (for ``folder``: its batched photometric half; for the others:
@@ -25,8 +27,9 @@ with the folder pipeline (``Trainer`` and ``train_step`` themselves).
     python benchmarks/input_pipeline.py --images 64 --step                   # photos made in /tmp
 
 Without ``--data``, ``--images`` JPEGs of about 500 x 375 are cut from scikit-image's photographs
-into a temporary folder in /tmp. ``OUT`` gets ``{"folder": {"img_per_s": N, ...}, "pil": ...,
-"reference": ..., "ratios": ..., "gpu": ...}``.
+into a temporary folder in /tmp (with ``--preset fashion-mnist``: Fashion-MNIST PNGs). ``OUT``
+gets ``{"folder": {"img_per_s": N, ...}, "pil": ..., "reference": ..., "ratios": ...,
+"gpu": ...}``.
 """
 
 from __future__ import annotations
@@ -79,13 +82,22 @@ def make_photos(root: Path, n: int, size: tuple[int, int] = PHOTO_SIZE) -> list[
     return paths
 
 
+def make_fashion_pngs(root: Path, n: int) -> None:
+    """The first ``n`` Fashion-MNIST training images as 28 x 28 grayscale PNGs."""
+    from dino.data.datasets import fashion_mnist
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(fashion_mnist("train").images[:n]):
+        Image.fromarray(x[0].numpy(), "L").save(root / f"fm{i:05d}.png")
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _worker_pids(loader: torch.utils.data.DataLoader) -> list[int]:
+def _worker_pids(loader: torch.utils.data.DataLoader | None) -> list[int]:
     it = getattr(loader, "_iterator", None)
     return [w.pid for w in getattr(it, "_workers", [])]
 
@@ -93,7 +105,7 @@ def _worker_pids(loader: torch.utils.data.DataLoader) -> list[int]:
 class Pipeline:
     """One pipeline: ``run()`` goes through the folder once and returns its timings."""
 
-    def __init__(self, name: str, loader: torch.utils.data.DataLoader, epoch_fn) -> None:
+    def __init__(self, name: str, loader: torch.utils.data.DataLoader | None, epoch_fn) -> None:
         self.name, self.loader, self.epoch_fn = name, loader, epoch_fn
         self.epoch = 0
 
@@ -150,6 +162,28 @@ def folder_pipeline(cfg: Config, name: str) -> Pipeline:
     return Pipeline(name, batches.loader, epoch)
 
 
+def memory_pipeline(cfg: Config, files: list[str]) -> Pipeline:
+    """The same images decoded once and held in memory (``TensorImages``): the batched path
+    without DataLoader workers, as the built-in datasets run."""
+    from dino.data.datasets import TensorImages, load_image
+
+    images = torch.stack(
+        [torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1) for f in files]
+    )
+    batches = Batches(cfg, TensorImages(images, None, [], "memory"), Dist(), torch.device("cpu"))
+
+    def epoch(e: int):  # all of it is the training process's own work: no waiting
+        gen = batches.epoch(e)
+        while True:
+            t0 = time.perf_counter()
+            views = next(gen, None)
+            if views is None:
+                return
+            yield views[0][0].shape[0], time.perf_counter() - t0
+
+    return Pipeline("memory", None, epoch)
+
+
 def reference_pipeline(cfg: Config, files: list[str]) -> Pipeline:
     d = cfg.data
     transform = ReferenceMultiCrop(
@@ -191,6 +225,19 @@ def summarize(name: str, runs: list[dict[str, float]]) -> dict[str, Any]:
         "rounds": len(runs),
         "images_per_round": runs[0]["images"],
     }
+
+
+def paired(slow: list[dict[str, float]], fast: list[dict[str, float]], what: str) -> float:
+    """Median over rounds of slow / fast time per image (CPU time, or wall time), the two
+    timed in the same round."""
+
+    def per_image(r: dict[str, float]) -> float:
+        t = r["main_cpu"] + r["worker_cpu"] if what == "cpu" else r["wall"]
+        return t / r["images"]
+
+    return statistics.median(
+        per_image(a) / per_image(b) for a, b in zip(slow, fast, strict=True)
+    )
 
 
 def step_wait(cfg: Config, steps: int) -> dict[str, Any]:
@@ -245,7 +292,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="timed passes over the folder")
-    parser.add_argument("--paths", default="folder,pil,reference")
+    parser.add_argument("--paths", default="folder,pil,reference", help="also: memory")
     parser.add_argument("--preset", default="default", help="views of this preset")
     parser.add_argument("--step", action="store_true", help="also the ViT-S/16 step's wait")
     parser.add_argument("--step-steps", type=int, default=3)
@@ -258,21 +305,26 @@ def main() -> None:
     data = args.data
     if data is None:
         tmp = tempfile.TemporaryDirectory(prefix="dino-photos-", dir="/tmp")
-        make_photos(Path(tmp.name) / "photos", args.images)
         data = str(Path(tmp.name) / "photos")
+        if args.preset.startswith("fashion-mnist"):
+            make_fashion_pngs(Path(data), args.images)
+        else:
+            make_photos(Path(data), args.images)
     base = load_config(args.preset)
-    overrides = {**base.to_dict(), "data": data, "batch_size": args.batch_size,
-                 "num_workers": args.workers, "device": "cpu"}  # fmt: skip
+    overrides = {"data": data, "batch_size": args.batch_size, "num_workers": args.workers,
+                 "device": "cpu"}  # fmt: skip
     files = list(open_training_data(data).train.files)
     pipelines: dict[str, Pipeline] = {}
     names = args.paths.split(",")
     for name in names:
         if name == "reference":
-            cfg = load_config(overrides=overrides)
+            cfg = load_config(args.preset, overrides)
             pipelines[name] = reference_pipeline(cfg, files)
+        elif name == "memory":
+            pipelines[name] = memory_pipeline(load_config(args.preset, overrides), files)
         else:
             augment = "auto" if name == "folder" else name
-            cfg = load_config(overrides={**overrides, "augment": augment})
+            cfg = load_config(args.preset, {**overrides, "augment": augment})
             pipelines[name] = folder_pipeline(cfg, name)
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     for r in range(args.rounds + 1):  # round 0 starts the workers and warms up
@@ -290,15 +342,15 @@ def main() -> None:
         result[row["path"]] = row
     by = {row["path"]: row for row in rows}
     if "folder" in by and "reference" in by:
-        f, ref = by["folder"], by["reference"]
-        result["ratios"] = {
-            "folder_vs_reference_per_core": f["img_per_cpu_s"] / ref["img_per_cpu_s"],
-            "folder_vs_reference_wall": f["img_per_s"] / ref["img_per_s"],
+        result["ratios"] = {  # medians over rounds of the ratio within each round
+            "folder_vs_reference_per_core": paired(runs["reference"], runs["folder"], "cpu"),
+            "folder_vs_reference_wall": paired(runs["reference"], runs["folder"], "wall"),
         }
         if "pil" in by:
-            result["ratios"]["folder_vs_pil_per_core"] = f["img_per_cpu_s"] / by["pil"][
-                "img_per_cpu_s"
-            ]
+            result["ratios"]["folder_vs_pil_per_core"] = paired(runs["pil"], runs["folder"], "cpu")
+            result["ratios"]["pil_vs_reference_per_core"] = paired(
+                runs["reference"], runs["pil"], "cpu"
+            )
         result["gpu"] = {
             "note": "cores per GPU = step rate x worker CPU seconds per image (the photometric "
             "half runs on the GPU); measured per-core rates of this CPU",
@@ -323,7 +375,7 @@ def main() -> None:
         for p in pipelines.values():  # stop their workers: the step gets the cores
             p.loader = None
         pipelines.clear()
-        cfg = load_config(overrides={**overrides, "augment": "auto"})
+        cfg = load_config(args.preset, {**overrides, "augment": "auto"})
         result["step"] = step_wait(cfg, args.step_steps)
         s = result["step"]
         print(

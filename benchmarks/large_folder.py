@@ -9,9 +9,13 @@ cut from scikit-image's photographs) in 100 class folders. Then, each in a fresh
   comparison;
 * **cached**: the same call once the index is cached beside the folder;
 * **check-data**: ``dino check-data`` over the whole folder (every file decoded);
+* **first batch**: from nothing loaded to the first augmented batch of ``dino train``'s own
+  ``Batches`` (batched path, 2 workers), on this folder (without and with the cached index)
+  and on a folder of 64 files, and the resident memory then;
 * **first step**: ``dino train --data DIR`` with a tiny ViT, from the start of the process to
   its first logged step, with and without the cached index, and the training process's resident
-  memory then.
+  memory then; the same command on a folder of 64 files is the baseline (start-up, model, the
+  step itself).
 
     python benchmarks/large_folder.py                # 200 000 files
     python benchmarks/large_folder.py --files 20000  # a quicker trial
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -79,6 +84,8 @@ def part(name: str, data: str) -> dict:
     gc.collect()
     before = rss_mb()
     t0 = time.perf_counter()
+    if name.startswith("first-batch"):  # open the data as dino train does, one batch
+        return first_batch(data, nocache=name.endswith("nocache"))
     if name == "scan-before":  # the listing before the compact index: Python strings
         root = Path(data)
         files = sorted(
@@ -105,6 +112,33 @@ def part(name: str, data: str) -> dict:
         out["path_bytes_mb"] = held[0].nbytes() / 2**20
         out["label_bytes_mb"] = held[1].nbytes / 2**20
     return out
+
+
+def first_batch(data: str, nocache: bool) -> dict:
+    """Seconds from nothing loaded to the first augmented batch of ``dino train``'s own
+    ``Batches`` (batched path, 2 workers), and the resident memory then."""
+    import torch
+
+    from dino.config import load_config
+    from dino.data.datasets import open_training_data
+    from dino.data.file_index import cache_path
+    from dino.training.batches import Batches
+    from dino.training.distributed import Dist
+
+    if nocache and cache_path(data) is not None:
+        cache_path(data).unlink(missing_ok=True)
+    cfg = load_config(overrides={"data": data, "global_size": 64, "local_size": 32,
+                                 "local_crops": 2, "batch_size": 16, "num_workers": 2,
+                                 "device": "cpu"})  # fmt: skip
+    before = rss_mb()
+    t0 = time.perf_counter()
+    train = open_training_data(data).train
+    opened = time.perf_counter() - t0
+    batches = Batches(cfg, train, Dist(), torch.device("cpu"))
+    views, _bad = next(batches.epoch(0))
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "open_seconds": opened, "files": len(train),
+            "rss_mb": rss_mb(), "held_mb": rss_mb() - before}  # fmt: skip
 
 
 def run_part(name: str, data: str) -> dict:
@@ -149,7 +183,8 @@ def first_step(data: str, workers: int, out: Path) -> dict:
     args = [
         sys.executable, "-m", "dino", "train", "--data", data, "--output-dir", str(out),
         "--arch", "vit_tiny", "--patch-size", "16", "--global-size", "64", "--local-size", "32",
-        "--local-crops", "2", "--out-dim", "1024", "--batch-size", "32", "--epochs", "1",
+        "--local-crops", "2", "--out-dim", "1024", "--batch-size", "16", "--epochs", "1",
+        "--warmup-epochs", "0",
         "--log-every", "1", "--num-workers", str(workers), "--device", "cpu",
     ]  # fmt: skip
     t0 = time.perf_counter()
@@ -177,7 +212,9 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=200_000)
     parser.add_argument("--folder", default="/tmp/dino-large-folder")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader and check-data workers")
-    parser.add_argument("--no-check", action="store_true", help="skip dino check-data")
+    parser.add_argument(
+        "--parts", default="scan,check,first-batch,first-step", help="what to measure"
+    )
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--part", help=argparse.SUPPRESS)
@@ -191,31 +228,55 @@ def main() -> None:
     t0 = time.perf_counter()
     make_folder(data, args.files)
     print(f"folder {data}: {args.files} files ({time.perf_counter() - t0:.0f} s to make)")
+    parts = args.parts.split(",")
     rows = []
-    for name in ("scan-before", "scan", "cached"):
-        r = run_part(name, str(data))
-        rows.append({"measure": name, **r})
-        print(rows[-1])
-    if not args.no_check:
-        rows.append({"measure": "check-data", **check_data(str(data), max(args.workers, 1))})
-        print(rows[-1])
-    from dino.data.file_index import cache_path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = cache_path(data)
-        if cache is not None:
-            cache.unlink(missing_ok=True)
-        for name in ("first step, no cached index", "first step, cached index"):
-            r = first_step(str(data), args.workers, Path(tmp) / name.replace(" ", "_"))
+    if "scan" in parts:
+        for name in ("scan-before", "scan", "cached"):
+            r = run_part(name, str(data))
             rows.append({"measure": name, **r})
             print(rows[-1])
+    if "check" in parts:
+        rows.append({"measure": "check-data", **check_data(str(data), max(args.workers, 1))})
+        print(rows[-1])
+    if "first-batch" in parts:
+        small = Path(args.folder) / "images-64"
+        make_folder(small, 64, classes=4)
+        for r in range(2):  # twice, alternating: the machine is shared
+            for name, folder in (
+                ("first-batch", small),
+                ("first-batch-nocache", data),
+                ("first-batch", data),
+            ):
+                r_part = run_part(name, str(folder))  # round 0 warms up: page cache, imports
+                if r:
+                    rows.append({"measure": f"{name}, {folder.name}", **r_part})
+                    print(rows[-1])
+    if "first-step" in parts:
+        from dino.data.file_index import cache_path
+
+        small = Path(args.folder) / "images-64"  # the same command on 64 files: the baseline
+        make_folder(small, 64, classes=4)
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = cache_path(data)
+            if cache is not None:
+                cache.unlink(missing_ok=True)
+            for name, folder in (
+                ("first step, 64 files", small),
+                (f"first step, {args.files} files, no cached index", data),
+                (f"first step, {args.files} files, cached index", data),
+            ):
+                out = Path(tmp) / name.replace(" ", "_").replace(",", "")
+                rows.append({"measure": name, **first_step(str(folder), args.workers, out)})
+                print(rows[-1])
     cols = ["measure", "seconds", "files", "held_mb", "path_bytes_mb", "rss_mb"]
     print(table(rows, cols, f"{args.files} files, {args.workers} worker(s)"))
     result = {**stamp(_cpu()), "files": args.files, "workers": args.workers, "rows": rows}
+    result["load_average_end"] = os.getloadavg()[0]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_save:
-        path = save_results(machine_name(_cpu()), "large_folder", f"files{args.files}", result)
+        key = f"files{args.files}-{args.parts.replace(',', '+')}"
+        path = save_results(machine_name(_cpu()), "large_folder", key, result)
         print(f"written to {path}")
 
 

@@ -21,10 +21,10 @@ How the batch is processed (``benchmarks/input_pipeline.py`` measures it against
   resize, the kernel torchvision runs in the PIL path (so the same pixels); on other devices,
   and for small images, two batched matrix products with the same filter weights
   (:func:`resize_weights`), in float;
-* the rows are then sorted by their color-jitter order (24 permutations, or none), so each
-  operation runs in place on contiguous slices (in chunks that stay in the CPU caches) instead
-  of boolean-mask copies; grayscale and solarization also run on slices, the blur on gathered
-  rows;
+* the rows are then sorted by their color-jitter order (24 permutations, or none), then
+  grayscale, solarization and blur, so each operation runs in place on contiguous slices (in
+  chunks that stay in the CPU caches) instead of boolean-mask copies; the blur is two
+  depthwise convolutions (one kernel per row and channel);
 * the pipeline works in pixel units (0..255) and folds the ``/ 255`` into the normalization,
   which also puts the rows back in sample order.
 
@@ -281,24 +281,22 @@ def _blur_kernels(sigma: np.ndarray, radius: int) -> np.ndarray:
 def _blur_(
     x: torch.Tensor, rows: np.ndarray, kernels: torch.Tensor, radius: int, bufs: _Buffers
 ) -> None:
-    """Blur rows ``rows`` of ``x`` in place, each with its own kernel: separable, reflect
-    padding, as two depthwise convolutions (one kernel per row and channel) over chunks of rows
-    that stay in the caches."""
+    """Blur rows ``rows`` (increasing) of ``x`` in place, ``kernels[i]`` for row ``rows[i]``:
+    separable, reflect padding, as two depthwise convolutions (one kernel per row and channel)
+    over runs of consecutive rows, in chunks that stay in the caches."""
     _, c, h, w = x.shape
     r = radius
-    chunk = _chunk_rows(x, len(rows))
-    idx_all = torch.from_numpy(rows).to(x.device)
+    flags = np.zeros(x.shape[0], dtype=bool)
+    flags[rows] = True
+    first = np.cumsum(flags) - 1  # row -> its kernel's index
     taps = kernels.repeat_interleave(c, 0)  # one kernel per (row, channel)
-    for i in range(0, len(rows), chunk):
-        idx = idx_all[i : i + chunk]
-        m = len(idx)
+    for a, z in _runs(flags, _chunk_rows(x, len(rows))):
+        m, i = z - a, int(first[a])
         k = taps[i * c : (i + m) * c]
-        rows_x = torch.index_select(x, 0, idx, out=bufs.get("blur_o", (m, c, h, w), x.device))
-        y = F.pad(rows_x.view(1, m * c, h, w), (r, r, 0, 0), mode="reflect")
+        y = F.pad(x[a:z].view(1, m * c, h, w), (r, r, 0, 0), mode="reflect")
         y = F.conv2d(y, k.view(m * c, 1, 1, 2 * r + 1), groups=m * c)
         y = F.pad(y, (0, 0, r, r), mode="reflect")
-        y = F.conv2d(y, k.view(m * c, 1, 2 * r + 1, 1), groups=m * c)
-        x.index_copy_(0, idx, y.view(m, c, h, w))
+        x[a:z].view(1, m * c, h, w).copy_(F.conv2d(y, k.view(m * c, 1, 2 * r + 1, 1), groups=m * c))
 
 
 def _chunk_rows(x: torch.Tensor, n: int) -> int:
@@ -336,7 +334,7 @@ class Photometric:
     brightness, contrast, saturation, hue), grayscale, Gaussian blur, solarization and
     normalization of rows of equal size, from the 14 photometric uniforms of each row.
 
-    Rows are processed sorted by (jitter order, grayscale, solarization), so that each
+    Rows are processed sorted by (jitter order, grayscale, solarization, blur), so that each
     operation runs on contiguous slices, and put back in order by the normalization.
     """
 
@@ -391,7 +389,7 @@ class Photometric:
         whose photometric uniforms are ``d`` (view-major)."""
         p = self.draws(d, specs, channels)
         n, size = len(d), specs[0].size
-        perm = np.lexsort((p["solar"], p["gray"], p["key"]))
+        perm = np.lexsort((p["blur"], p["solar"], p["gray"], p["key"]))
         pos = np.empty(n, np.int64)
         pos[perm] = np.arange(n)
         x = self.bufs.get("work", (n, channels, size, size), device)
@@ -444,7 +442,7 @@ class Photometric:
         out = torch.empty(n, 3, size, size, device=dev)
         index = torch.from_numpy(pos).to(dev)
         if c == 3:
-            return torch.index_select(x, 0, index, out=out).mul_(scale).add_(bias)
+            return torch.addcmul(bias, torch.index_select(x, 0, index, out=out), scale, out=out)
         return torch.addcmul(bias, x.index_select(0, index), scale, out=out)
 
 
