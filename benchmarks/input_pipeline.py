@@ -356,7 +356,9 @@ def main() -> None:
             "half runs on the GPU); measured per-core rates of this CPU",
             "rates": {
                 str(rate): {
-                    name: rate * by[name]["worker_ms_per_img"] / 1000 for name in by
+                    name: rate * by[name]["worker_ms_per_img"] / 1000
+                    for name in by
+                    if name != "memory"  # no workers: decoding happened before
                 }
                 for rate in GPU_RATES
             },

@@ -19,5 +19,13 @@ TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) $py benchmarks/train_step.py --arch vit_sma
     --batch-size 16 --precision bf16 --impl ours --compile --steps 3 --no-memory
 $py benchmarks/step_parts.py
 $py benchmarks/attention.py
-$py benchmarks/input_pipeline.py --images 64
+# folders of photos and of Fashion-MNIST PNGs: ours (batched), --augment pil, the reference code's
+# augmentation, in memory; the ViT-S/16 step's wait for data (made in /tmp)
+$py benchmarks/input_pipeline.py --images 64 --rounds 7 --paths folder,pil,reference,memory \
+    --step --no-save --json benchmarks/results/input_pipeline_photos.json
+$py benchmarks/input_pipeline.py --preset fashion-mnist --images 1024 --batch-size 128 \
+    --rounds 5 --paths folder,pil,reference,memory --no-save \
+    --json benchmarks/results/input_pipeline_fashion_mnist.json
+# 200 000 files (made once in /tmp/dino-large-folder): listing, cache, check-data, first batch/step
+$py benchmarks/large_folder.py --workers 2 --no-save --json benchmarks/results/large_folder_200k.json
 $py benchmarks/knn_eval.py
