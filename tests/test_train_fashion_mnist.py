@@ -30,6 +30,7 @@ def test_training_raises_knn_above_random_init(tmp_path):
         "fashion-mnist",
         {
             "epochs": 2,
+            "min_steps": 0,  # these 2 epochs, not the preset's minimum of steps
             "eval_every": 0,
             "output_dir": str(tmp_path / "run"),
             "tensorboard": False,

@@ -335,6 +335,14 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     epochs: int = _f(100, "number of training epochs.", range="[1, inf)")
+    min_steps: int = _f(
+        0,
+        "train at least this many optimizer steps: when --epochs of the data make fewer (a small "
+        "dataset), the run gets more epochs, and its warm-ups, last-layer freeze and evaluation "
+        "period in epochs grow by the same factor, so the schedules keep their shape in steps. "
+        "0: never; --subset trials are never lengthened.",
+        range="[0, inf)",
+    )
     batch_size: int = _f(
         64, "images per process per step (the global batch is this x processes).", range="[1, inf)"
     )

@@ -3,11 +3,22 @@ the learning rate, weight decay, teacher momentum and teacher temperature."""
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from dino.config import Config
+
+log = logging.getLogger("dino")
+
+#: Fewer optimizer steps than this rarely get DINO past its uniform start: the teacher's output
+#: first spreads toward uniform and only then sharpens into features (on Fashion-MNIST with the
+#: built-in preset the teacher entropy peaks near log K around step 200 and falls from about
+#: step 500; docs/experiments.md, "Small datasets").
+MIN_LEARNING_STEPS = 1000
 
 
 def cosine_schedule(
@@ -64,3 +75,61 @@ class Schedules:
                 round(lo.warmup_teacher_temp_epochs * steps_per_epoch),
             ),
         )
+
+
+def stretch_to_min_steps(cfg: Config, steps_per_epoch: int) -> tuple[Config, float]:
+    """A run of ``cfg`` made at least ``--min-steps`` long: ``(cfg, 1.0)`` when it already is
+    (or ``--min-steps`` is 0, or the run is a ``--subset`` trial), else a copy whose epochs rise
+    to reach it, with every length counted in epochs (the learning-rate and teacher-temperature
+    warm-ups, the last-layer freeze, the evaluation period) multiplied by the same factor, so
+    that the schedules, the teacher-momentum ramp included, keep their shape in iterations; and
+    that factor. A small dataset then trains as many steps as the preset was made for."""
+    o = cfg.optim
+    if not o.min_steps or cfg.data.subset or o.epochs * steps_per_epoch >= o.min_steps:
+        return cfg, 1.0
+    out = copy.deepcopy(cfg)
+    epochs = math.ceil(o.min_steps / steps_per_epoch)
+    factor = epochs / o.epochs
+    out.optim.epochs = epochs
+    out.optim.warmup_epochs = o.warmup_epochs * factor
+    out.optim.freeze_last_layer = o.freeze_last_layer * factor
+    out.loss.warmup_teacher_temp_epochs = cfg.loss.warmup_teacher_temp_epochs * factor
+    if cfg.run.eval_every:
+        out.run.eval_every = max(1, round(cfg.run.eval_every * factor))
+    log.info(
+        "%d steps per epoch x %d epochs = %d steps, fewer than --min-steps %d: training %d "
+        "epochs (%d steps) with warm-ups, freeze and evaluation period in epochs x %.2f; pass "
+        "--min-steps 0 to keep %d epochs",
+        steps_per_epoch,
+        o.epochs,
+        o.epochs * steps_per_epoch,
+        o.min_steps,
+        epochs,
+        epochs * steps_per_epoch,
+        factor,
+        o.epochs,
+    )
+    return out, factor
+
+
+def warn_if_too_short(cfg: Config, steps_per_epoch: int, n_images: int, global_batch: int) -> None:
+    """One warning when a run (not a ``--subset`` trial) has fewer than
+    :data:`MIN_LEARNING_STEPS` steps, saying how to lengthen it."""
+    total = cfg.optim.epochs * steps_per_epoch
+    if cfg.data.subset or total >= MIN_LEARNING_STEPS:
+        return
+    epochs = math.ceil(MIN_LEARNING_STEPS / steps_per_epoch)
+    log.warning(
+        "this run makes only %d optimizer steps (%d images / global batch %d = %d steps per "
+        "epoch, x %d epochs): DINO needs about %d to leave its uniform start and learn "
+        "features, so expect features no better than the random network's. Pass --epochs %d "
+        "or --min-steps %d (or a smaller --batch-size)",
+        total,
+        n_images,
+        global_batch,
+        steps_per_epoch,
+        cfg.optim.epochs,
+        MIN_LEARNING_STEPS,
+        epochs,
+        MIN_LEARNING_STEPS,
+    )

@@ -45,7 +45,7 @@ from dino.training.metrics import MetricsFile
 from dino.training.monitor import CollapseMonitor
 from dino.training.networks import build_networks
 from dino.training.optim import build_optimizer
-from dino.training.schedules import Schedules
+from dino.training.schedules import Schedules, stretch_to_min_steps, warn_if_too_short
 from dino.training.step import train_step
 
 log = logging.getLogger("dino")
@@ -67,6 +67,11 @@ class Trainer:
         self.data = open_training_data(cfg.data.data, cfg.data.subset, self.run_dir)
         self.batches = Batches(cfg, self.data.train, self.d, self.device)
         self.steps_per_epoch = self.batches.steps_per_epoch()
+        # a small dataset's epochs are few steps: the run grows to --min-steps (the config
+        # written to the run folder says so), and a run still too short to learn is warned about
+        self.cfg = cfg = stretch_to_min_steps(cfg, self.steps_per_epoch)[0]
+        global_batch = self.batches.sampler.global_batch
+        warn_if_too_short(cfg, self.steps_per_epoch, len(self.data.train), global_batch)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.sched = Schedules.build(cfg, self.steps_per_epoch, self.batches.sampler.global_batch)
 
