@@ -1,4 +1,4 @@
-"""The built-in scene dataset (dino.data.scenes): deterministic, exact masks, its split's objects."""
+"""The built-in scene dataset (dino.data.scenes): deterministic, exact masks, right objects."""
 
 from __future__ import annotations
 

@@ -239,6 +239,7 @@ def test_segment_command_scores_scenes(tmp_path, capsys) -> None:
     import json
 
     out = tmp_path / "scores.json"
+    out.write_text("an earlier result, replaced when the new one is complete")
     weights = ["--weights", "random", "--arch", "vit_pico", "--patch-size", "8"]
     argv = ["segment", *weights, "--data", "fashion-mnist-scenes", "--score", "--subset", "16"]
     code, stdout, _ = _dino([*argv, "--json", str(out), "--pictures", "1", "--output",

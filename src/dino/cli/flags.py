@@ -256,7 +256,7 @@ def check_output(path: str | Path, flag: str, kind: str = "folder") -> None:
         raise DinoError(f"{flag} {p} is an existing file, not a folder; choose a folder path")
     if kind == "file" and p.is_dir():
         raise DinoError(f"{flag} {p} is a folder; give the path of a file in it")
-    above = p.absolute()
+    above = p.absolute().parent if kind == "file" else p.absolute()  # a file may exist
     while not above.exists():
         above = above.parent
     if not above.is_dir():

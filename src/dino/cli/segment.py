@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +283,10 @@ def _scenes(
         masks = masks[:, 0].bool()
     result = None
     if args.score:
-        with tqdm(total=len(images), desc="scoring", unit="img", leave=False) as bar:
+        tty = sys.stderr.isatty()
+        with tqdm(
+            total=len(images), desc="scoring", unit="img", leave=False, disable=not tty
+        ) as bar:
             result = score_tensors(
                 backbone,
                 images,
@@ -347,7 +351,15 @@ def attention_video(args: argparse.Namespace) -> int:
     backbone = load_weights(args)
     vit_patch_size(backbone)  # a convnet stops here, before the video is read
     size = args.size or default_image_size(run_config_of(backbone))
-    with tqdm(desc="frames", unit=" frames", leave=False) as bar:
+    bars: list[tqdm] = []
+
+    def progress(n: int) -> None:  # the bar starts with the first frame, after the checks
+        if not bars:
+            bars.append(tqdm(desc="frames", unit=" frames", leave=False, disable=not tty))
+        bars[0].update(n)
+
+    tty = sys.stderr.isatty()
+    try:
         res = write_attention_video(
             backbone,
             args.source,
@@ -357,7 +369,10 @@ def attention_video(args: argparse.Namespace) -> int:
             mean=args.mean,
             std=args.std,
             device=resolve_device(args.device),
-            progress=bar.update,
+            progress=progress,
         )
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"{res['frames']} frames at {res['fps']:g} fps -> {res['output']}")
     return 0

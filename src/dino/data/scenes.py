@@ -8,19 +8,19 @@ with ``(seed, split, i)``, so a scene is the same whatever else is generated wit
 
 How a ``64 x 64`` RGB scene is made, back to front (all colours in 0..1):
 
-1. **Gradient**: a linear ramp between two random colours, in a random direction, from one
-   corner of the frame to the opposite one.
-2. **Texture**: stripes (a sinusoid) or a checkerboard, of random period 4-16 px, angle, phase
-   and colour, mixed in with weight 0.15-0.4.
-3. **Blotches**: a 4x4 grid of random colours, bilinearly upsampled to the frame, mixed in with
-   weight 0.15-0.4 (low-frequency noise).
-4. **Fragments**: 3-6 pieces of *other* garments of the same split: an elliptical window of
-   9-16 x 9-16 px of a 28 x 28 image, chosen so that it holds 25-75 % ink (so it contains part
-   of the garment's outline), scaled 1.1-1.6x, maybe mirrored, anywhere in the frame (up to 30 %
-   outside), painted exactly like the object, each in its own colour.
-5. **Object**: the whole garment, scaled to a side of 30-46 px, maybe mirrored, at a random
+1. **Background regions**: 2-4 random points split the frame into regions (each pixel belongs
+   to its nearest point). Each region is a linear ramp between two random colours in a random
+   direction (from one corner of the frame to the opposite one), with stripes (a sinusoid) or a
+   checkerboard of random period 4-16 px, angle, phase and colour mixed in with weight 0.15-0.4.
+2. **Blotches**: a 4x4 grid of random colours, bilinearly upsampled to the frame, mixed in over
+   all regions with weight 0.15-0.4 (low-frequency noise).
+3. **Fragments**: 4-7 pieces of *other* garments of the same split: an elliptical window of
+   9-16 x 9-16 px of a 28 x 28 image, chosen (out of 8 tries) so that it holds 25-75 % ink (so it
+   contains part of the garment's outline), scaled 1.1-1.8x, maybe mirrored, anywhere in the
+   frame (up to 30 % outside), painted exactly like the object, each in its own colour.
+4. **Object**: the whole garment, scaled to a side of 36-52 px, maybe mirrored, at a random
    position fully inside the frame.
-6. **Noise**: Gaussian pixel noise (sigma 0.01-0.05) over the whole picture (a random window
+5. **Noise**: Gaussian pixel noise (sigma 0.01-0.05) over the whole picture (a random window
    of a fixed 256 x 256 pool of Gaussian noise), then rounding to ``uint8``.
 
 A shape (fragment or object) is painted where its bilinearly resampled intensity ``v`` (0..1)
@@ -29,8 +29,12 @@ The object's mask is exactly the object's painted pixels (fragments lie behind t
 
 Colours are drawn in HSV (hue uniform, saturation 0.2-1, value 0.25-1 for the background and
 0.35-1 for shapes), so object and background brightness overlap; the object tint is redrawn (up
-to 16 times) while it lies closer than 0.3 (RGB distance) to the mean of the two gradient
-colours, so that it stays visible.
+to 16 times) while it lies closer than 0.3 (RGB distance) to the mean gradient colour of the
+regions, so that it stays visible.
+
+Why several regions: with one background per scene, the background's colour and texture are
+the same in every crop of a scene and unique to it, and DINO learned them instead of the object
+(docs/segmentation.md).
 """
 
 from __future__ import annotations
@@ -50,7 +54,11 @@ SOURCE_SIZE = 28
 #: object, in the mask).
 INK = 0.2
 #: Fewest and most fragments of other garments per scene.
-FRAGMENTS = (3, 6)
+FRAGMENTS = (4, 7)
+#: Fewest and most background regions per scene.
+REGIONS = (2, 4)
+#: Smallest and largest side of the object in pixels (from 28).
+OBJECT_SIDE = (36.0, 52.0)
 _SPLIT_CODE = {"train": 1, "test": 2}
 _BLOTCH_GRID = 4
 _TINT_TRIES = 16
@@ -81,21 +89,23 @@ def _colors(u: np.ndarray, v_lo: float) -> np.ndarray:
 
 @dataclass
 class SceneParams:
-    """Everything random about a batch of ``B`` scenes; shape ``j`` of a scene is fragment ``j``
-    for ``j < L - 1`` and the object for ``j = L - 1`` (see the module docstring).
+    """Everything random about a batch of ``B`` scenes; region ``r`` of a scene's background is
+    the set of pixels nearest to its ``points[r]``; shape ``j`` of a scene is fragment ``j`` for
+    ``j < L - 1`` and the object for ``j = L - 1`` (see the module docstring).
 
     A shape's window ``(top, left, height, width)`` of the 28 x 28 source image ``source`` is
     scaled by ``scale`` and its top-left corner put at canvas pixel ``(y, x)``.
     """
 
-    colors: np.ndarray  # [B, 2, 3] gradient end colours
-    angle: np.ndarray  # [B] gradient direction (radians)
-    checker: np.ndarray  # [B] bool: checkerboard, else stripes
-    period: np.ndarray  # [B] texture period (px)
-    texture_angle: np.ndarray  # [B]
-    phase: np.ndarray  # [B]
-    texture_color: np.ndarray  # [B, 3]
-    texture_weight: np.ndarray  # [B]
+    points: np.ndarray  # [B, R, 2] (y, x) seeds of the background regions (inf: no region)
+    colors: np.ndarray  # [B, R, 2, 3] gradient end colours of each region
+    angle: np.ndarray  # [B, R] gradient direction (radians)
+    checker: np.ndarray  # [B, R] bool: checkerboard, else stripes
+    period: np.ndarray  # [B, R] texture period (px)
+    texture_angle: np.ndarray  # [B, R]
+    phase: np.ndarray  # [B, R]
+    texture_color: np.ndarray  # [B, R, 3]
+    texture_weight: np.ndarray  # [B, R]
     blotches: np.ndarray  # [B, 3, 4, 4]
     blotch_weight: np.ndarray  # [B]
     source: np.ndarray  # [B, L] int: index of the source image of each shape
@@ -145,8 +155,10 @@ def scene_params(
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     m = sources.shape[0]
     n_frag = FRAGMENTS[1]
+    n_reg = REGIONS[1]
     layout = {  # uniforms per scene, by use
-        "bg": 6 + 3 + 5 + 3 * _BLOTCH_GRID**2 + 1,
+        "regions": 1 + n_reg * (2 + 6 + 3 + 6),
+        "bg": 3 * _BLOTCH_GRID**2 + 1,
         "frag": n_frag * (1 + 1 + _WINDOW_TRIES * 4 + 3 + 1 + 3),
         "obj": 4 + 3 * _TINT_TRIES,
         "rest": 4,
@@ -165,14 +177,24 @@ def scene_params(
     )
     b = len(idx)
     parts = np.split(u, np.cumsum(list(layout.values()))[:-1], axis=1)
-    bg, frag, obj, rest = parts
-    colors = _colors(bg[:, :6].reshape(b, 2, 3), 0.25)
-    texture_color = _colors(bg[:, 6:9], 0.25)
-    angle, checker, period, texture_angle, phase = (bg[:, 9 + i] for i in range(5))
-    blotches = _colors(bg[:, 14 : 14 + 3 * _BLOTCH_GRID**2].reshape(b, -1, 3), 0.25)
+    reg, bg, frag, obj, rest = parts
+
+    # background regions: [B, R, ...]
+    count_r = REGIONS[0] + np.minimum(
+        (reg[:, 0] * (n_reg - REGIONS[0] + 1)).astype(np.int64), n_reg - REGIONS[0]
+    )
+    r = reg[:, 1:].reshape(b, n_reg, -1)
+    points = r[..., 0:2] * size
+    points[np.arange(n_reg)[None] >= count_r[:, None]] = np.inf
+    colors = _colors(r[..., 2:8].reshape(b, n_reg, 2, 3), 0.25)
+    texture_color = _colors(r[..., 8:11], 0.25)
+    angle, checker, period, texture_angle, phase, texture_weight = (
+        r[..., 11 + i] for i in range(6)
+    )
+    blotches = _colors(bg[:, : 3 * _BLOTCH_GRID**2].reshape(b, -1, 3), 0.25)
     blotches = blotches.transpose(0, 2, 1).reshape(b, 3, _BLOTCH_GRID, _BLOTCH_GRID)
     blotch_weight = 0.15 + 0.25 * bg[:, -1]
-    texture_weight = 0.15 + 0.25 * rest[:, 3]
+    texture_weight = 0.15 + 0.25 * texture_weight
 
     # fragments: [B, F, ...]
     f = frag.reshape(b, n_frag, -1)
@@ -189,7 +211,7 @@ def scene_params(
     pick = np.where(good.any(-1), good.argmax(-1), _WINDOW_TRIES - 1)
     fwin = np.take_along_axis(wins, pick[..., None, None], axis=2)[:, :, 0]
     off = 2 + 4 * _WINDOW_TRIES
-    fscale = 1.1 + 0.5 * f[..., off]
+    fscale = 1.1 + 0.7 * f[..., off]
     fh, fw = fwin[..., 2] * fscale, fwin[..., 3] * fscale
     fy = -0.3 * fh + f[..., off + 1] * (size - 0.4 * fh)
     fx = -0.3 * fw + f[..., off + 2] * (size - 0.4 * fw)
@@ -201,15 +223,18 @@ def scene_params(
     fpresent = np.arange(n_frag)[None] < count[:, None]
 
     # the object
-    side = 30 + 16 * obj[:, 0]
+    side = OBJECT_SIDE[0] + (OBJECT_SIDE[1] - OBJECT_SIDE[0]) * obj[:, 0]
     oy, ox = obj[:, 1] * (size - side), obj[:, 2] * (size - side)
     oflip = obj[:, 3] < 0.5
     tints = _colors(obj[:, 4:].reshape(b, _TINT_TRIES, 3), 0.35)
-    far = np.linalg.norm(tints - colors.mean(1)[:, None], axis=-1) >= 0.3
+    present = np.isfinite(points[..., 0])  # [B, R]
+    mean_bg = (colors.mean(2) * present[..., None]).sum(1) / present.sum(1, keepdims=True)
+    far = np.linalg.norm(tints - mean_bg[:, None], axis=-1) >= 0.3
     otint = tints[np.arange(b), np.where(far.any(-1), far.argmax(-1), _TINT_TRIES - 1)]
     full = np.broadcast_to(np.array([0, 0, SOURCE_SIZE, SOURCE_SIZE]), (b, 1, 4))
 
     return SceneParams(
+        points=points,
         colors=colors,
         angle=2 * np.pi * angle,
         checker=checker < 0.5,
@@ -289,24 +314,37 @@ def render_scenes(
     def along(angle: torch.Tensor) -> torch.Tensor:
         return torch.cos(angle) * xs + torch.sin(angle) * ys
 
-    # gradient: 0 at one corner of the direction, 1 at the opposite one
-    d = along(t(p.angle))
+    # each region: a gradient from one corner of its direction to the opposite one, and a
+    # texture (stripes or checkerboard, 0..1) mixed in; [B, R, 3, S, S]
+    def r(a: np.ndarray) -> torch.Tensor:
+        """A per-region parameter ``[B, R, ...]`` broadcastable against ``[B, R, 3, S, S]``."""
+        x = torch.from_numpy(np.asarray(a, dtype=np.float64)).float()
+        return x.reshape(*x.shape, *([1] * (5 - x.dim())))
+
+    d = along(r(p.angle))
     lo = d.amin(dim=(-2, -1), keepdim=True)
     ramp = (d - lo) / (d.amax(dim=(-2, -1), keepdim=True) - lo)
-    # texture: stripes or checkerboard, 0..1
-    freq = 2 * np.pi / t(p.period)
-    u = along(t(p.texture_angle)) * freq + t(p.phase)
-    v = along(t(p.texture_angle) + np.pi / 2) * freq
+    freq = 2 * np.pi / r(p.period)
+    u = along(r(p.texture_angle)) * freq + r(p.phase)
+    v = along(r(p.texture_angle) + np.pi / 2) * freq
     su = torch.sin(u)
-    pattern = torch.where(t(p.checker) > 0, (su * torch.sin(v) > 0).float(), 0.5 + 0.5 * su)
-    # mix: (gradient * (1 - tw) + texture colour * pattern * tw) * (1 - bw) + blotches * bw
-    tw, bw = t(p.texture_weight), t(p.blotch_weight)
-    c0, c1 = t(p.colors[:, 0]), t(p.colors[:, 1])
+    pattern = torch.where(r(p.checker) > 0, (su * torch.sin(v) > 0).float(), 0.5 + 0.5 * su)
+    tw = r(p.texture_weight)
+    c0 = torch.from_numpy(p.colors[:, :, 0]).float()[..., None, None]
+    c1 = torch.from_numpy(p.colors[:, :, 1]).float()[..., None, None]
+    tc = torch.from_numpy(p.texture_color).float()[..., None, None]
+    layers = (c0 + (c1 - c0) * ramp) * (1 - tw) + tc * pattern * tw
+    # the region of each pixel: its nearest point (Voronoi cells)
+    pts = torch.from_numpy(p.points).float()  # [B, R, 2]
+    dist = (ys - pts[..., 0, None, None]) ** 2 + (xs - pts[..., 1, None, None]) ** 2
+    region = dist.argmin(1)  # [B, S, S]
+    index = region[:, None, None].expand(-1, 1, 3, -1, -1)
+    background = layers.gather(1, index)[:, 0]
+    # blotches: low-frequency colour noise over all regions
     grid = torch.from_numpy(p.blotches).float().reshape(b, 3, _BLOTCH_GRID, _BLOTCH_GRID)
     canvas = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
-    canvas.mul_(bw).add_(c0 * ((1 - tw) * (1 - bw)))
-    canvas.addcmul_((c1 - c0) * ((1 - tw) * (1 - bw)), ramp)
-    canvas.addcmul_(t(p.texture_color) * (tw * (1 - bw)), pattern)
+    bw = t(p.blotch_weight)
+    canvas.mul_(bw).add_(background * (1 - bw))
     # shapes, back to front (fragments, then the object): each pixel shows the last shape whose
     # ink exceeds INK there, in its tint shaded by the ink
     ink = F.grid_sample(
