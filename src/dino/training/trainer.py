@@ -221,7 +221,7 @@ class Trainer:
             self.device,
         )
         start_epoch = self.iteration // self.steps_per_epoch
-        t_start = time.time()
+        t_start, cpu_start = time.time(), time.process_time()
         bar: tqdm | None = None
         try:
             evaluated = {int(h["epoch"]) for h in self.knn_history}
@@ -311,6 +311,8 @@ class Trainer:
         results: dict[str, Any] = {
             "iterations": self.iteration,
             "train_seconds": time.time() - t_start,
+            # this process's CPU time (all its threads): the cost on a machine shared with others
+            "train_cpu_seconds": time.process_time() - cpu_start,
         }
         knn = self._eval_and_log(metrics, cfg.optim.epochs)
         if d.main:
