@@ -562,3 +562,31 @@ def test_training_on_photos_with_knn_and_exact_resume(tmp_path, monkeypatch) -> 
         assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
     assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
     assert a["knn_history"] == b["knn_history"]
+
+
+def test_a_process_that_leaves_workers_running_still_exits(tmp_path) -> None:
+    """A run that stops mid-epoch on an error leaves its persistent DataLoader workers alive;
+    they ignore SIGTERM (signals to the process group are the training process's to handle),
+    so the process must end them itself at exit instead of waiting for them forever."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "img"
+    write_photos(root, 8, (40, 30))
+    script = f"""
+import torch
+from dino.config import load_config
+from dino.data.datasets import open_training_data
+from dino.training.batches import Batches
+from dino.training.distributed import Dist
+cfg = load_config(overrides={{"data": {str(root)!r}, "global_size": 16, "local_size": 8,
+                  "patch_size": 4, "batch_size": 4, "num_workers": 2, "device": "cpu"}})
+batches = Batches(cfg, open_training_data(cfg.data.data).train, Dist(), torch.device("cpu"))
+views, bad = next(batches.epoch(0))
+print("batch", views[0].shape[0])
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )  # a hang raises TimeoutExpired
+    assert proc.returncode == 0, proc.stderr
+    assert "batch 4" in proc.stdout

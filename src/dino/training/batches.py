@@ -5,7 +5,9 @@ pil``, folders)."""
 
 from __future__ import annotations
 
+import atexit
 import signal
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -26,6 +28,16 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     preemption, ``timeout``, Ctrl-C in a terminal) reaches the workers too."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _stop_workers(loader: weakref.ref[torch.utils.data.DataLoader]) -> None:
+    """At exit, end the persistent workers of a DataLoader that is still alive (a run that
+    stopped on an error, or a Trainer left over in the process): they ignore SIGTERM, so
+    multiprocessing's exit handler, which terminates and then joins them, would wait forever.
+    Runs before that handler (``atexit`` runs the last registered first)."""
+    iterator = getattr(loader(), "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()  # the workers' end-of-work message, then join
 
 
 class Batches:
@@ -70,7 +82,7 @@ class Batches:
         self, dataset: torch.utils.data.Dataset, num_workers: int
     ) -> torch.utils.data.DataLoader:
         workers = loader_workers(num_workers)
-        return torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=self.sampler,
             num_workers=workers,
@@ -81,6 +93,9 @@ class Batches:
             # its own generator: starting workers draws nothing from torch's global one
             generator=torch.Generator().manual_seed(self.cfg.run.seed),
         )
+        if workers > 0:
+            atexit.register(_stop_workers, weakref.ref(loader))
+        return loader
 
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch()
