@@ -488,6 +488,7 @@ def test_color_jitter_grayscale_and_solarize_match_the_pil_path(tmp_path) -> Non
     assert not any(d[v].any() for d in dark.values() for v in (0, 2, 3, 4))  # p 0 elsewhere
 
 
+@pytest.mark.slow
 def test_blur_frequency_and_strength_match_the_pil_path(tmp_path) -> None:
     """Noise pictures of the global view's size, cropped (nearly) whole: the views'
     pixel-to-pixel differences shrink by how much each view was blurred."""
