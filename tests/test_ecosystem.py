@@ -230,7 +230,8 @@ def test_init_from_a_run(pico_run) -> None:
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want)
     # another crop size: the positional embedding is resampled to the new patch grid
-    student, _ = build_networks(pico_cfg(init=str(pico_run), global_size=48, eval_crop=48))
+    cfg = pico_cfg(init=str(pico_run), global_size=48, eval_crop=48, eval_resize=48)
+    student, _ = build_networks(cfg)
     got = student.backbone.state_dict()
     assert got["pos_embed"].shape == (1, 1 + 12 * 12, 96)
     assert torch.equal(got["blocks.0.attn.qkv.weight"], want["blocks.0.attn.qkv.weight"])
