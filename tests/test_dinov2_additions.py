@@ -204,6 +204,25 @@ def test_a_checkpoint_with_registers_loads_with_them(tmp_path) -> None:
         torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=0)
 
 
+def test_a_backbone_with_registers_exports_to_timm(tmp_path) -> None:
+    import timm
+
+    from dino.models.export import export_backbone
+
+    torch.manual_seed(1)
+    model = build_backbone("vit_pico", 7, 28, depth=2, registers=3).eval()
+    with torch.no_grad():
+        model.reg_token.normal_()
+    torch.save(model.state_dict(), tmp_path / "backbone.pth")
+    out = export_backbone(tmp_path / "backbone.pth", tmp_path / "export", onnx=False)
+    kwargs = out["dino"]["timm"]["kwargs"]
+    assert kwargs["reg_tokens"] == 3 and kwargs["no_embed_class"] is True
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True, num_classes=0)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- iBOT
 
 

@@ -84,6 +84,8 @@ def timm_spec(model: nn.Module, info: WeightsInfo) -> tuple[str, dict[str, Any]]
         # input_size (the evaluation crop) and resample the saved one to it
         kwargs["img_size"] = img
         kwargs["dynamic_img_size"] = True
+        if getattr(model, "reg_token", None) is not None:  # register tokens (--registers)
+            kwargs.update(reg_tokens=int(model.reg_token.shape[1]), no_embed_class=True)
         return name, kwargs
     if arch.startswith("tv:"):
         name = arch[3:]
