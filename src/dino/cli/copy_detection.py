@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dino.cli.flags import add_weights_flags, load_weights
+from dino.cli.flags import (
+    add_json_flag,
+    add_num_workers_flag,
+    add_weights_flags,
+    load_weights,
+    print_outputs,
+)
 
 DESCRIPTION = """\
 Find the original of each copy by the cosine similarity of [CLS] + GeM-pooled (p = 4) patch
@@ -61,9 +67,7 @@ def register(sub: Any) -> None:
         metavar="CSV",
         help="write query,best_match,similarity rows (must not exist)",
     )
-    g.add_argument(
-        "--json", default=None, metavar="OUT", help="also write the scores here (must not exist)"
-    )
+    add_json_flag(g)
     f = p.add_argument_group("features")
     f.add_argument(
         "--imsize",
@@ -75,12 +79,7 @@ def register(sub: Any) -> None:
     f.add_argument(
         "--batch-size", type=int, default=16, help="images per forward pass (default 16)"
     )
-    f.add_argument(
-        "--num-workers",
-        type=int,
-        default=-1,
-        help="DataLoader workers decoding images (-1: from the core count; 0: in the main process)",
-    )
+    add_num_workers_flag(f)
     p.set_defaults(run=run)
 
 
@@ -115,8 +114,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{res['n_copies']} copies matched")
     print("(scores are fractions in [0, 1])")
-    if args.matches:
-        print(f"matches -> {args.matches}")
-    if args.json:
-        print(f"results -> {args.json}")
+    print_outputs({"matches": args.matches, "results": args.json})
     return 0

@@ -138,6 +138,7 @@ def add_view_flags(p: argparse.ArgumentParser, data_default: str | None = "fashi
 
 
 def add_loader_flags(p: argparse.ArgumentParser, batch_size: int = 128) -> None:
+    """The "loading" group: ``--batch-size`` (default ``batch_size``) and ``--num-workers``."""
     g = p.add_argument_group("loading")
     g.add_argument(
         "--batch-size",
@@ -145,13 +146,32 @@ def add_loader_flags(p: argparse.ArgumentParser, batch_size: int = 128) -> None:
         default=batch_size,
         help=f"images per forward pass (default: {batch_size}); lower it if memory runs out",
     )
+    add_num_workers_flag(g, ", slower but simplest")
+
+
+def add_num_workers_flag(g: argparse._ActionsContainer, main_process_note: str = "") -> None:
+    """``--num-workers``; ``main_process_note`` ends the help's words on 0 workers."""
     g.add_argument(
         "--num-workers",
         type=int,
         default=-1,
         help="DataLoader workers decoding images (-1: from the core count; 0: in the main "
-        "process, slower but simplest)",
+        f"process{main_process_note})",
     )
+
+
+def add_json_flag(g: argparse._ActionsContainer) -> None:
+    """``--json OUT``: the file the scores are also written to, which must not exist yet."""
+    g.add_argument(
+        "--json", default=None, metavar="OUT", help="also write the scores here (must not exist)"
+    )
+
+
+def print_outputs(outputs: dict[str, str | None]) -> None:
+    """A line ``<what> -> <path>`` for each output file of ``outputs`` that was asked for."""
+    for what, path in outputs.items():
+        if path:
+            print(f"{what} -> {path}")
 
 
 def load_weights(args: argparse.Namespace) -> Any:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dino.cli.flags import add_weights_flags, load_weights
+from dino.cli.flags import (
+    add_json_flag,
+    add_num_workers_flag,
+    add_weights_flags,
+    load_weights,
+    print_outputs,
+)
 
 DESCRIPTION = """\
 Rank database images by the cosine similarity of frozen global features ([CLS] for a ViT),
@@ -58,9 +64,7 @@ def register(sub: Any) -> None:
     g.add_argument(
         "--topk", type=int, default=10, help="neighbours per query in --neighbours (default 10)"
     )
-    g.add_argument(
-        "--json", default=None, metavar="OUT", help="also write the scores here (must not exist)"
-    )
+    add_json_flag(g)
     f = p.add_argument_group("features")
     f.add_argument(
         "--imsize",
@@ -88,12 +92,7 @@ def register(sub: Any) -> None:
         default=[1, 5, 10],
         help="the k of precision@k (default: 1 5 10)",
     )
-    f.add_argument(
-        "--num-workers",
-        type=int,
-        default=-1,
-        help="DataLoader workers decoding images (-1: from the core count; 0: in the main process)",
-    )
+    add_num_workers_flag(f)
     p.set_defaults(run=run)
 
 
@@ -127,8 +126,5 @@ def run(args: argparse.Namespace) -> int:
             pk = "  ".join(f"P@{k} {v:.3f}" for k, v in res["precision@k"].items())
             print(f"mAP {res['mAP']:.3f}  {pk}  ({res['scored_queries']} queries with classes)")
     print("(scores are fractions in [0, 1])")
-    if args.neighbours:
-        print(f"neighbours -> {args.neighbours}")
-    if args.json:
-        print(f"results -> {args.json}")
+    print_outputs({"neighbours": args.neighbours, "results": args.json})
     return 0
