@@ -4,16 +4,16 @@ copies of scikit-image photos (JPEG re-encoding, crops, colour changes) among di
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.commands import RANDOM_PICO, one_error_line, pico, run_cli
+from helpers.photos import GREYS, PHOTOS, crop, jpeg, photo
 from PIL import Image, ImageEnhance
 
-from dino.cli import main
 from dino.eval.copy_detection import (
     Whitening,
     copy_detection,
@@ -23,33 +23,7 @@ from dino.eval.copy_detection import (
     score_block,
 )
 
-data = pytest.importorskip("skimage.data")
-
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
-GREYS = ("camera", "brick", "coins", "moon", "grass", "gravel", "clock", "text")
-RANDOM_PICO = ["--weights", "random", "--arch", "vit_pico", "--patch-size", "8"]
-
-
-def photo(name: str, size: int = 112) -> Image.Image:
-    a = getattr(data, name)()
-    if a.ndim == 2:
-        a = np.stack([a] * 3, -1)
-    im = Image.fromarray(a[..., :3].astype(np.uint8))
-    im.thumbnail((size, size))
-    return im
-
-
-def jpeg(im: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
-
-
-def crop(im: Image.Image, frac: float) -> Image.Image:
-    w, h = im.size
-    cw, ch = int(w * frac), int(h * frac)
-    return im.crop(((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch))
+pytest.importorskip("skimage.data")
 
 
 def strong(im: Image.Image) -> Image.Image:
@@ -73,24 +47,6 @@ def copydays(root: Path) -> Path:
     for name in GREYS:
         photo(name).save(root / "distractors" / f"{name}.jpg")
     return root
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dino: error: "), err
-    return lines[0]
-
-
-def pico():
-    import dino
-
-    return dino.load_backbone("random", arch="vit_pico", patch_size=8)
 
 
 # ------------------------------------------------------------------ by hand

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.commands import RANDOM_PICO, one_error_line, run_cli
 from PIL import Image
 
-from dino.cli import main
 from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 from dino.eval.davis_scores import boundary_f, boundary_map, jaccard, summarize
@@ -91,15 +91,6 @@ def copy_first_mask_scores(masks: list[np.ndarray]) -> float:
     j = np.mean([np.mean(v) for v in js.values()])
     f = np.mean([np.mean(v) for v in fs.values()])
     return float((j + f) / 2)
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-RANDOM_PICO = ["--weights", "random", "--arch", "vit_pico", "--patch-size", "8"]
 
 
 def track_args(root: Path, out: Path) -> list[str]:
@@ -414,13 +405,6 @@ def test_track_command_on_a_folder_of_frames(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ bad input
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dino: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_missing_first_frame_mask(tmp_path, capsys):
