@@ -213,13 +213,16 @@ def overview(
     panels.append(_panel(mean, "mean", panel_height))
     panels.append(_panel(_overlay(picture, masks), "masks", panel_height))
     columns = max(1, min(columns, len(panels)))
-    rows = [panels[i : i + columns] for i in range(0, len(panels), columns)]
-    pad = 4
-    width = max(sum(p.width for p in row) + pad * (len(row) + 1) for row in rows)
-    height = sum(max(p.height for p in row) + pad for row in rows) + pad
+    return _rows([panels[i : i + columns] for i in range(0, len(panels), columns)])
+
+
+def _rows(panels: list[list[Image.Image]], pad: int = 4) -> Image.Image:
+    """One white sheet of rows of panels, ``pad`` px apart and from the edges."""
+    width = max(sum(p.width for p in row) + pad * (len(row) + 1) for row in panels)
+    height = sum(max(p.height for p in row) + pad for row in panels) + pad
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     y = pad
-    for row in rows:
+    for row in panels:
         x = pad
         for p in row:
             sheet.paste(p, (x, y))

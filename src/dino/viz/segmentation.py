@@ -10,22 +10,8 @@ import torch
 from PIL import Image
 
 from dino.eval.segmentation import Segmentation
-from dino.viz.attention import _overlay, _panel, _upsample, colorize
+from dino.viz.attention import _overlay, _panel, _rows, _upsample, colorize
 from dino.viz.pca import foreground_picture, mask_picture, pca_picture
-
-
-def _rows(panels: list[list[Image.Image]], pad: int = 4) -> Image.Image:
-    width = max(sum(p.width for p in row) + pad * (len(row) + 1) for row in panels)
-    height = sum(max(p.height for p in row) + pad for row in panels) + pad
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    y = pad
-    for row in panels:
-        x = pad
-        for p in row:
-            sheet.paste(p, (x, y))
-            x += p.width + pad
-        y += max(p.height for p in row) + pad
-    return sheet
 
 
 def segment_panels(
