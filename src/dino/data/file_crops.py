@@ -4,11 +4,12 @@ A worker does only what needs the original image: decode it (a JPEG at 1/2, 1/4 
 size when every view's crop still has at least as many pixels as the view: PIL's ``draft``, which
 scales in the DCT and costs less than a full decode) and cut each view's random resized crop,
 resized (bicubic, antialiased: torch's ``uint8`` kernel, the one the PIL path and the in-memory
-path run) to the view's final size. Its output is small ``uint8`` tensors; the photometric half
-(flip, color jitter, grayscale, blur, solarization, normalization) runs batched on the training
+path run) to the view's final size, and flip it when the view's flip draw says so (cheapest on
+the small ``uint8`` crop). Its output is small ``uint8`` tensors; the rest of the photometric
+half (color jitter, grayscale, blur, solarization, normalization) runs batched on the training
 device (:meth:`dino.data.tensor_aug.TensorMultiCrop.from_crops`).
 
-The crop boxes come from the same counter-based draws as the in-memory path
+The crop boxes and flips come from the same counter-based draws as the in-memory path
 (:func:`dino.data.tensor_aug.view_uniforms`), computed on the image's full size, so a sample's
 views depend only on (seed, epoch, index), never on the worker or process that makes them.
 """
@@ -21,13 +22,13 @@ import torch.nn.functional as F
 
 from dino.data.datasets import ImageFiles, opened_image, to_rgb
 from dino.data.seeding import sample_keys, uniforms
-from dino.data.tensor_aug import CROP_DRAWS, ViewSpec, crop_boxes
+from dino.data.tensor_aug import CROP_DRAWS, FLIP_DRAW, ViewSpec, crop_boxes
 
 
 class FileCrops:
     """``path, epoch, index -> crops``: one ``uint8 [len(group), 3, size, size]`` tensor per
     group of views of equal size (the groups of
-    :meth:`dino.data.tensor_aug.TensorMultiCrop.size_groups`), unflipped.
+    :meth:`dino.data.tensor_aug.TensorMultiCrop.size_groups`), flipped as :meth:`flips` says.
 
     Raises :class:`dino.data.datasets.BadImage` for a file that cannot be decoded.
     """
@@ -44,17 +45,28 @@ class FileCrops:
         """``[len(views), 4]`` crop boxes (top, left, h, w) of sample ``index`` in an image of
         ``height x width`` pixels: the in-memory path's boxes for the same sample (stream ``v``
         for view ``v``)."""
+        return self._draws(epoch, index, height, width)[0]
+
+    def flips(self, epoch: int, index: int) -> np.ndarray:
+        """``[len(views)]`` bool: the views of sample ``index`` flipped horizontally (their
+        :data:`~dino.data.tensor_aug.FLIP_DRAW`, as the in-memory path flips them)."""
+        return self._draws(epoch, index, 1, 1)[1]
+
+    def _draws(
+        self, epoch: int, index: int, height: int, width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         streams = np.arange(len(self.views), dtype=np.uint64)
-        u = uniforms(sample_keys(self.seed, epoch, np.array([index]), stream=streams), CROP_DRAWS)
+        keys = sample_keys(self.seed, epoch, np.array([index]), stream=streams)
+        u = uniforms(keys, FLIP_DRAW + 1)
         boxes = np.empty((len(self.views), 4))
         for scale, rows in self._by_scale.items():
-            boxes[rows] = crop_boxes(u[rows], height, width, scale)
-        return boxes
+            boxes[rows] = crop_boxes(u[rows, :CROP_DRAWS], height, width, scale)
+        return boxes, u[:, FLIP_DRAW] < 0.5
 
     def __call__(self, path: str, epoch: int, index: int) -> tuple[torch.Tensor, ...]:
         with opened_image(path) as im:
             width, height = im.size
-            boxes = self.boxes(epoch, index, height, width)
+            boxes, flips = self._draws(epoch, index, height, width)
             sizes = np.array([spec.size for spec in self.views], dtype=np.float64)
             # the crops keep at least a view's pixels when the image is this much smaller
             allowed = float(np.min(np.minimum(boxes[:, 2], boxes[:, 3]) / sizes))
@@ -75,12 +87,13 @@ class FileCrops:
             crops = torch.empty((len(group), 3, size, size), dtype=torch.uint8)
             for j, v in enumerate(group):
                 t, lft, h, w = boxes[v].tolist()
-                crops[j] = F.interpolate(
+                y = F.interpolate(
                     img[:, :, t : t + h, lft : lft + w],
                     size=(size, size),
                     mode="bicubic",
                     antialias=True,
                 )[0]
+                crops[j] = y.flip(-1) if flips[v] else y
             out.append(crops)
         return tuple(out)
 

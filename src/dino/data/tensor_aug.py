@@ -54,6 +54,8 @@ _ATTEMPTS = 10
 _LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 #: Uniforms per view and sample: the crop box's, then the photometric ones.
 CROP_DRAWS = 4 * _ATTEMPTS
+#: The uniform that flips a view horizontally (below 0.5): the first photometric one.
+FLIP_DRAW = CROP_DRAWS
 _N_DRAWS = CROP_DRAWS + 14
 _GRAY = (0.299, 0.587, 0.114)
 #: Largest ``C * size * H * (W + size)`` (multiply-adds per row) resized by matrix products on
@@ -513,9 +515,10 @@ class TensorMultiCrop:
         workers: :class:`dino.data.file_crops.FileCrops`, from the same draws as
         :meth:`__call__`).
 
-        ``crops[g]``: ``uint8 [B, len(group), C, size, size]`` (sample-major, unflipped), the
-        views of size group ``g`` of :meth:`size_groups`, on the training device. Returns the
-        list of normalized views, as :meth:`__call__` does.
+        ``crops[g]``: ``uint8 [B, len(group), C, size, size]`` (sample-major, already flipped
+        by their :data:`FLIP_DRAW`: a flip is cheapest on the small ``uint8`` crop, where it is
+        made), the views of size group ``g`` of :meth:`size_groups`, on the training device.
+        Returns the list of normalized views, as :meth:`__call__` does.
         """
         b = len(indices)
         u = view_uniforms(seed, epoch, indices, len(self.views))
@@ -528,10 +531,7 @@ class TensorMultiCrop:
             # row r = j * b + i (view-major) is crop [i, j] (sample-major)
             r = rows.perm
             source = torch.from_numpy((r % b) * m + r // b).to(g.device)
-            placed = g.reshape(b * m, c, size, size).index_select(0, source)
-            flipped = torch.from_numpy(np.flatnonzero(rows.p["flip"][r])).to(g.device)
-            placed[flipped] = placed[flipped].flip(-1)
-            rows.x.copy_(placed)
+            rows.x.copy_(g.reshape(b * m, c, size, size).index_select(0, source))
             x = self.photometric(rows)
             views.update((v, x[j * b : (j + 1) * b]) for j, v in enumerate(group))
         return [views[v] for v in range(len(self.views))]
