@@ -22,6 +22,7 @@ from dino.data.tensor_aug import (
     _adjust_hue_,
     _blur_,
     _blur_kernels,
+    _blur_radii,
     _Buffers,
     crop_boxes,
     resize_weights,
@@ -171,7 +172,7 @@ def test_blur_matches_torchvision_gaussian_blur(size: int, kernel: int) -> None:
     sigma = np.array([0.1, 0.7, 1.3, 2.0])
     radius = (kernel - 1) // 2
     ours = x.clone()
-    _blur_(ours, rows, torch.from_numpy(_blur_kernels(sigma, radius)), radius, _Buffers())
+    _blur_(ours, rows, sigma, radius, _Buffers())
     for i in range(7):
         if i in rows:
             s = float(sigma[list(rows).index(i)])
@@ -179,6 +180,20 @@ def test_blur_matches_torchvision_gaussian_blur(size: int, kernel: int) -> None:
         else:
             ref = x[i]
         torch.testing.assert_close(ours[i], ref, atol=1e-3, rtol=1e-5)
+
+
+def test_shorter_blur_kernels_leave_out_only_negligible_taps() -> None:
+    """Each row's kernel is cut to the taps that matter: the small sigmas' are short (sigma 0.1:
+    one tap, the identity), and the taps left out weigh less than 1e-6 of the recipe's kernel."""
+    sigma = np.linspace(0.1, 2.0, 39)
+    radii = _blur_radii(sigma, 6)
+    assert radii[0] == 0 and radii[-1] == 6 and np.all(np.diff(radii) >= 0)
+    assert (2 * radii + 1).mean() < 10  # of 13 taps
+    full = _blur_kernels(sigma, 6)
+    for s, r, k in zip(sigma, radii, full, strict=True):
+        short = np.zeros(13, np.float32)
+        short[6 - r : 7 + r] = _blur_kernels(np.array([s]), int(r))[0]
+        assert np.abs(short - k).sum() < 1e-6
 
 
 def replay(

@@ -273,6 +273,11 @@ def _adjust_hue_(x: torch.Tensor, shift: torch.Tensor, bufs: list[torch.Tensor])
         torch.addcmul(minc, delta, d.sub_(1).clamp_(0, 1), out=x[:, c])
 
 
+#: Largest weight of the Gaussian taps a blur leaves out of the recipe's kernel (see
+#: :func:`_blur_radii`): far below the float32 rounding of pixel units.
+_BLUR_TAIL = 1e-7
+
+
 def _blur_kernels(sigma: np.ndarray, radius: int) -> np.ndarray:
     """``[n, 2 radius + 1]`` normalized Gaussian taps (torchvision's ``gaussian_blur``)."""
     t = np.arange(-radius, radius + 1, dtype=np.float64)
@@ -280,25 +285,63 @@ def _blur_kernels(sigma: np.ndarray, radius: int) -> np.ndarray:
     return (k / k.sum(1, keepdims=True)).astype(np.float32)
 
 
+def _blur_radii(sigma: np.ndarray, radius: int) -> np.ndarray:
+    """Per row, the fewest taps each side that leave out of the ``radius`` kernel of
+    :func:`_blur_kernels` less than :data:`_BLUR_TAIL` of its weight: the same blur up to about
+    ``255 * 4 * _BLUR_TAIL`` pixel units, with the small sigmas' kernels much shorter."""
+    t = np.arange(radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)  # [n, radius + 1], one side
+    total = k[:, 0] + 2 * k[:, 1:].sum(1)
+    tail = 2 * np.cumsum(k[:, ::-1], 1)[:, ::-1] / total[:, None]  # weight of taps >= t
+    kept = tail >= _BLUR_TAIL  # decreasing in t: radius r drops tail[r + 1]
+    return np.maximum(kept[:, 1:].sum(1), 0).astype(np.int64)
+
+
 def _blur_(
-    x: torch.Tensor, rows: np.ndarray, kernels: torch.Tensor, radius: int, bufs: _Buffers
+    x: torch.Tensor, rows: np.ndarray, sigma: np.ndarray, radius: int, bufs: _Buffers
 ) -> None:
-    """Blur rows ``rows`` (increasing) of ``x`` in place, ``kernels[i]`` for row ``rows[i]``:
-    separable, reflect padding, as two depthwise convolutions (one kernel per row and channel)
-    over runs of consecutive rows, in chunks that stay in the caches."""
+    """Blur rows ``rows`` of ``x`` in place with Gaussians of standard deviations ``sigma``
+    (torchvision's ``gaussian_blur`` with ``2 radius + 1`` taps, reflect padding, up to the taps
+    :func:`_blur_radii` leaves out): separable, as two depthwise convolutions (one kernel per
+    row and channel). The rows are gathered by kernel length, in chunks that stay in the
+    caches (one convolution per chunk instead of one per run of consecutive rows)."""
     _, c, h, w = x.shape
-    r = radius
-    flags = np.zeros(x.shape[0], dtype=bool)
-    flags[rows] = True
-    first = np.cumsum(flags) - 1  # row -> its kernel's index
-    taps = kernels.repeat_interleave(c, 0)  # one kernel per (row, channel)
-    for a, z in _runs(flags, _chunk_rows(x, len(rows))):
-        m, i = z - a, int(first[a])
-        k = taps[i * c : (i + m) * c]
-        y = F.pad(x[a:z].view(1, m * c, h, w), (r, r, 0, 0), mode="reflect")
-        y = F.conv2d(y, k.view(m * c, 1, 1, 2 * r + 1), groups=m * c)
-        y = F.pad(y, (0, 0, r, r), mode="reflect")
-        x[a:z].view(1, m * c, h, w).copy_(F.conv2d(y, k.view(m * c, 1, 2 * r + 1, 1), groups=m * c))
+    rows, sigma = np.asarray(rows), np.asarray(sigma, np.float64)
+    radii = _blur_radii(sigma, radius)
+    order = np.argsort(radii, kind="stable")
+    rows, sigma, radii = rows[order], sigma[order], radii[order]
+    chunk = _chunk_rows(x, len(rows))
+    bounds = np.flatnonzero(np.diff(radii, prepend=-1, append=radius + 1)).tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        r = int(radii[lo])
+        if r == 0:  # a kernel of one tap: the identity
+            continue
+        taps = torch.from_numpy(_blur_kernels(sigma[lo:hi], r)).to(x.device)
+        taps = taps.repeat_interleave(c, 0)  # one kernel per (row, channel)
+        for a in range(lo, hi, chunk):
+            z = min(a + chunk, hi)
+            m = z - a
+            k = taps[(a - lo) * c : (z - lo) * c]
+            run = rows[a:z]
+            if run[-1] - run[0] == m - 1 and np.all(np.diff(run) == 1):
+                src, idx = x[int(run[0]) : int(run[0]) + m], None
+            else:
+                idx = torch.from_numpy(run).to(x.device)
+                src = x.index_select(0, idx)
+            # channels-last: oneDNN's depthwise kernel vectorizes over the channels (~1.1x)
+            y = F.pad(src.reshape(1, m * c, h, w), (r, r, 0, 0), mode="reflect")
+            y = F.conv2d(_channels_last(y), k.view(m * c, 1, 1, 2 * r + 1), groups=m * c)
+            y = F.pad(y, (0, 0, r, r), mode="reflect")
+            y = F.conv2d(_channels_last(y), k.view(m * c, 1, 2 * r + 1, 1), groups=m * c)
+            y = y.view(m, c, h, w)
+            if idx is None:
+                src.copy_(y)
+            else:
+                x.index_copy_(0, idx, y)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _chunk_rows(x: torch.Tensor, n: int) -> int:
@@ -432,9 +475,7 @@ class Photometric:
         radius = (blur_kernel_size(hi, size) - 1) // 2
         blur_rows = np.flatnonzero(p["blur"][perm])
         if radius > 0 and len(blur_rows):
-            sigma = p["sigma"][perm][blur_rows]
-            kernels = torch.from_numpy(_blur_kernels(sigma, radius)).to(dev)
-            _blur_(x, blur_rows, kernels, radius, self.bufs)
+            _blur_(x, blur_rows, p["sigma"][perm][blur_rows], radius, self.bufs)
         for a, z in _runs(p["solar"][perm], n):
             xs = x[a:z]
             torch.where(xs >= 128, _BOUND - xs, xs, out=xs)
