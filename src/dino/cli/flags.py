@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -172,6 +173,30 @@ def print_outputs(outputs: dict[str, str | None]) -> None:
     for what, path in outputs.items():
         if path:
             print(f"{what} -> {path}")
+
+
+def add_threshold_flag(g: argparse._ActionsContainer) -> None:
+    """``--threshold``: the share of each head's attention mass that its mask keeps."""
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=0.6,
+        help="attention mass the masks keep (default 0.6, the paper's)",
+    )
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """A distinct output folder name for each of ``paths``: the file's stem, with ``_``
+    appended while an earlier path took it."""
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        name = path.stem
+        while name in used:
+            name += "_"
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def load_weights(args: argparse.Namespace) -> Any:

@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dino.cli.flags import add_norm_flags, add_weights_flags, check_output, load_weights
+from dino.cli.flags import (
+    add_norm_flags,
+    add_threshold_flag,
+    add_weights_flags,
+    check_output,
+    load_weights,
+    output_names,
+)
 from dino.errors import DinoError
 
 SCENES = "fashion-mnist-scenes"
@@ -76,12 +83,7 @@ def register(sub: Any) -> None:
         "scenes' 64 px; for other images the run's crop size when it trained under 224 px, "
         "else 480)",
     )
-    s.add_argument(
-        "--threshold",
-        type=float,
-        default=0.6,
-        help="attention mass the masks keep (default 0.6, the paper's)",
-    )
+    add_threshold_flag(s)
     s.add_argument(
         "--batch-size", type=int, default=256, help="scenes per forward pass (default 256)"
     )
@@ -192,21 +194,16 @@ def segment(args: argparse.Namespace) -> int:
 
     result = None
     if args.data == SCENES:
-        result = _scenes(args, backbone, draw, mean, std, size, n_pictures, device)
+        result = _scenes(args, draw, size, n_pictures)
     elif args.data:
-        result = _folder(args, backbone, draw, mean, std, size, n_pictures, device)
+        result = _folder(args, draw, size, n_pictures)
     if result is not None:
         result.update(threshold=args.threshold, weights=info.source, data=args.data)
         _print_scores(result, "test scenes" if args.data == SCENES else f"images of {args.data}")
         if args.json:
             _write_json(args.json, result)
             print(f"scores -> {args.json}")
-    used: set[str] = set()
-    for f in files:
-        name = f.stem
-        while name in used:
-            name += "_"
-        used.add(name)
+    for f, name in zip(files, output_names(files), strict=True):
         draw.file(f, size, name)
     if draw.count:
         print(f"pictures of {draw.count} images -> {out}")
@@ -257,16 +254,10 @@ class _Drawer:
 
 
 def _scenes(
-    args: argparse.Namespace,
-    backbone: Any,
-    draw: _Drawer,
-    mean: list[float],
-    std: list[float],
-    size: int | None,
-    n_pictures: int,
-    device: Any,
+    args: argparse.Namespace, draw: _Drawer, size: int | None, n_pictures: int
 ) -> dict[str, Any] | None:
-    """Score and draw the test scenes (resized to ``size`` first when given)."""
+    """Score and draw the test scenes (resized to ``size`` first when given) with the network,
+    normalization and device of ``draw``."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -288,13 +279,13 @@ def _scenes(
             total=len(images), desc="scoring", unit="img", leave=False, disable=not tty
         ) as bar:
             result = score_tensors(
-                backbone,
+                draw.backbone,
                 images,
                 masks,
-                mean,
-                std,
+                draw.mean,
+                draw.std,
                 args.batch_size,
-                device,
+                draw.device,
                 bar.update,
                 args.threshold,
             )
@@ -304,16 +295,10 @@ def _scenes(
 
 
 def _folder(
-    args: argparse.Namespace,
-    backbone: Any,
-    draw: _Drawer,
-    mean: list[float],
-    std: list[float],
-    size: int | None,
-    n_pictures: int,
-    device: Any,
+    args: argparse.Namespace, draw: _Drawer, size: int | None, n_pictures: int
 ) -> dict[str, Any] | None:
-    """Score (with --masks) and draw the images of the folder ``--data``."""
+    """Score (with --masks) and draw the images of the folder ``--data`` with the network,
+    normalization and device of ``draw``."""
     from dino.data.datasets import image_paths
     from dino.eval.segmentation import folder_pairs, score_folder
     from dino.viz.attention import vit_patch_size
@@ -322,10 +307,17 @@ def _folder(
     if args.masks:
         if args.score:
             result = score_folder(
-                backbone, args.data, args.masks, mean, std, size, device, args.threshold
+                draw.backbone,
+                args.data,
+                args.masks,
+                draw.mean,
+                draw.std,
+                size,
+                draw.device,
+                args.threshold,
             )
         if n_pictures:
-            pairs = folder_pairs(args.data, args.masks, vit_patch_size(backbone), size)
+            pairs = folder_pairs(args.data, args.masks, vit_patch_size(draw.backbone), size)
             for path, pix, mask in list(pairs)[:n_pictures]:
                 draw.pixels(pix, Path(path).stem, mask)
     elif n_pictures:

@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dino.cli.flags import add_norm_flags, add_weights_flags, load_weights
+from dino.cli.flags import (
+    add_norm_flags,
+    add_threshold_flag,
+    add_weights_flags,
+    load_weights,
+    output_names,
+)
 
 
 def register(sub: Any) -> None:
@@ -34,12 +40,7 @@ def register(sub: Any) -> None:
         "or the run's crop size when it trained on crops under 224); larger shows "
         "finer maps at a quadratic cost",
     )
-    a.add_argument(
-        "--threshold",
-        type=float,
-        default=0.6,
-        help="attention mass the masks keep (default 0.6, the paper's)",
-    )
+    add_threshold_flag(a)
     add_norm_flags(a)
     a.set_defaults(run=attention)
 
@@ -87,12 +88,7 @@ def attention(args: argparse.Namespace) -> int:
     if size is None:
         size = default_image_size(backbone.weights_info.run_config)
     device = resolve_device(args.device)
-    used: set[str] = set()
-    for f in files:
-        name = f.stem
-        while name in used:
-            name += "_"
-        used.add(name)
+    for f, name in zip(files, output_names(files), strict=True):
         res = save_attention_maps(
             backbone,
             f,
