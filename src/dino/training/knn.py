@@ -60,52 +60,40 @@ def teacher_knn(
 
     Runs with forked random generators, so that it changes nothing of the training."""
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        return _knn(backbone, data, cfg, d, device, autocast_dtype)
-
-
-@torch.no_grad()
-def _knn(
-    backbone: nn.Module,
-    data: TrainingData,
-    cfg: Config,
-    d: Dist,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
-) -> dict[str, dict[str, float]] | None:
-    bank_ds, query_ds = data.knn_bank, data.knn_query
-    if bank_ds is None or query_ds is None:
-        return None
-    dc = cfg.data
-    view = EvalView(dc.eval_resize, dc.eval_crop, list(dc.mean), list(dc.std))
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    for ds in (bank_ds, query_ds):
-        part = shard(ds, d.rank, d.world)
-        bar = tqdm(
-            total=len(part),
-            desc=f"k-NN features {getattr(ds, 'name', '')}",
-            leave=False,
-            disable=not d.main or not sys.stderr.isatty(),
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        bank_ds, query_ds = data.knn_bank, data.knn_query
+        if bank_ds is None or query_ds is None:
+            return None
+        dc = cfg.data
+        view = EvalView(dc.eval_resize, dc.eval_crop, list(dc.mean), list(dc.std))
+        was_training = backbone.training
+        backbone.eval()
+        feats = []
+        for ds in (bank_ds, query_ds):
+            part = shard(ds, d.rank, d.world)
+            bar = tqdm(
+                total=len(part),
+                desc=f"k-NN features {getattr(ds, 'name', '')}",
+                leave=False,
+                disable=not d.main or not sys.stderr.isatty(),
+            )
+            batch_size = 512 if isinstance(part, TensorImages) else 128
+            batches = eval_batches(part, view, batch_size, dc.num_workers, device)
+            f, y = extract(backbone, batches, autocast_dtype, bar.update)
+            bar.close()
+            if d.world > 1:  # all samples on rank 0, in dataset order, as one process has them
+                f, y = gather_strided(f, len(ds)), gather_strided(y, len(ds))
+            feats.append((f, y))
+        backbone.train(was_training)
+        if not d.main:
+            return None
+        (fb, yb), (fq, yq) = feats
+        return weighted_knn(
+            fb.to(device),
+            yb.to(device),
+            fq.to(device),
+            yq.to(device),
+            knn_ks(cfg, len(fb)),
+            cfg.run.knn_temp,
+            num_classes=len(bank_ds.classes) or None,
         )
-        batch_size = 512 if isinstance(part, TensorImages) else 128
-        batches = eval_batches(part, view, batch_size, dc.num_workers, device)
-        f, y = extract(backbone, batches, autocast_dtype, bar.update)
-        bar.close()
-        if d.world > 1:  # all samples on rank 0, in dataset order, as one process has them
-            f, y = gather_strided(f, len(ds)), gather_strided(y, len(ds))
-        feats.append((f, y))
-    backbone.train(was_training)
-    if not d.main:
-        return None
-    (fb, yb), (fq, yq) = feats
-    return weighted_knn(
-        fb.to(device),
-        yb.to(device),
-        fq.to(device),
-        yq.to(device),
-        knn_ks(cfg, len(fb)),
-        cfg.run.knn_temp,
-        num_classes=len(bank_ds.classes) or None,
-    )
