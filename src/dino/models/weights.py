@@ -196,20 +196,25 @@ def _read_like(like: str | Path) -> dict[str, Any]:
     return run_config
 
 
+def _run_spec(run_config: dict[str, Any]) -> dict[str, Any]:
+    """How a run's config builds its network: the model section and the global crop size."""
+    m = run_config.get("model", {})
+    return {
+        "arch": m.get("arch"),
+        "patch_size": m.get("patch_size"),
+        "depth": m.get("depth"),
+        "img_size": run_config.get("data", {}).get("global_size"),
+        "registers": m.get("registers", 0),
+    }
+
+
 def _random_spec(
     arch: str | None, patch_size: int | None, run_config: dict[str, Any] | None
 ) -> dict[str, Any]:
     """How to build the untrained network: the run ``like``'s model, then explicit flags."""
     spec: dict[str, Any] = {}
     if run_config is not None:
-        m = run_config.get("model", {})
-        spec = {
-            "arch": m.get("arch"),
-            "patch_size": m.get("patch_size"),
-            "depth": m.get("depth"),
-            "img_size": run_config.get("data", {}).get("global_size"),
-            "registers": m.get("registers", 0),
-        }
+        spec = _run_spec(run_config)
     if arch is not None:
         spec["arch"] = arch
     if patch_size is not None:
@@ -220,7 +225,6 @@ def _random_spec(
             "or --like RUN to take a run's"
         )
     return spec
-
 
 
 def _read(weights: str | Path) -> tuple[Path, Any, dict[str, Any] | None]:
@@ -412,14 +416,7 @@ def _resolve_arch(
     found = detect_arch(state)
     spec: dict[str, Any] = {}
     if run_config is not None:
-        m = run_config.get("model", {})
-        spec = {
-            "arch": m.get("arch"),
-            "patch_size": m.get("patch_size"),
-            "depth": m.get("depth"),
-            "img_size": run_config.get("data", {}).get("global_size"),
-            "registers": m.get("registers", 0),
-        }
+        spec = _run_spec(run_config)
     elif found is not None:
         spec = dict(found)
     if found is not None and found.get("embed_dim"):
