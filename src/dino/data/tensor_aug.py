@@ -483,6 +483,11 @@ class Photometric:
         scale = (1 / (_BOUND * self.std)).to(dev)
         bias = (-self.mean / self.std).to(dev)
         out = torch.empty(n, 3, size, size, device=dev)
+        if dev.type == "cpu":  # one pass, row by row (a gather, then a pass: 1.5x the time)
+            scale, bias = scale[0], bias[0]
+            for row, k in enumerate(pos.tolist()):
+                torch.addcmul(bias, x[k], scale, out=out[row])
+            return out
         index = torch.from_numpy(pos).to(dev)
         if c == 3:
             return torch.addcmul(bias, torch.index_select(x, 0, index, out=out), scale, out=out)
