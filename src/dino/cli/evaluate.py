@@ -68,12 +68,7 @@ def register(sub: Any) -> None:
         default=0.07,
         help="T of the vote weights exp(sim / T) (default 0.07); higher flattens votes",
     )
-    k.add_argument(
-        "--subset",
-        type=int,
-        default=0,
-        help="use only the first N images of each split, for quick trials (0: all)",
-    )
+    add_subset_flag(k)
     k.add_argument("--output", default=None, metavar="JSON", help="also write the results here")
     add_label_flags(k, "bank")
     add_loader_flags(k)
@@ -140,15 +135,20 @@ def register(sub: Any) -> None:
         help="evaluate every N epochs (default 1); raise it when evaluation is slow",
     )
     lin.add_argument("--seed", type=int, default=0, help="seed of initialization and data order")
-    lin.add_argument(
+    add_subset_flag(lin)
+    add_label_flags(lin, "training set")
+    add_loader_flags(lin, batch_size=256)
+    lin.set_defaults(run=linear)
+
+
+def add_subset_flag(parser: argparse.ArgumentParser) -> None:
+    """``--subset N``: only the first N images of each split, for quick trials."""
+    parser.add_argument(
         "--subset",
         type=int,
         default=0,
         help="use only the first N images of each split, for quick trials (0: all)",
     )
-    add_label_flags(lin, "training set")
-    add_loader_flags(lin, batch_size=256)
-    lin.set_defaults(run=linear)
 
 
 def add_label_flags(parser: argparse.ArgumentParser, role: str) -> None:
@@ -266,13 +266,12 @@ def linear(args: argparse.Namespace) -> int:
             f"{len(res['label_seeds'])} label seed(s), {first['epochs']} epochs): top-1 "
             f"{_spread(res, 'top1').strip()}  top-5 {_spread(res, 'top5').strip()}"
         )
-        print(f"results -> {Path(out) / 'results.json'}")
-        return 0
-    print(
-        f"linear probe ({kind}, {res['n_last_blocks']} last blocks"
-        f"{' + avgpool' if res['avgpool'] else ''}, {res['epochs']} epochs): "
-        f"top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
-        f"(best top-1 {res['best_top1']:.2f} at epoch {res['best_epoch']})"
-    )
+    else:
+        print(
+            f"linear probe ({kind}, {res['n_last_blocks']} last blocks"
+            f"{' + avgpool' if res['avgpool'] else ''}, {res['epochs']} epochs): "
+            f"top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  "
+            f"(best top-1 {res['best_top1']:.2f} at epoch {res['best_epoch']})"
+        )
     print(f"results -> {Path(out) / 'results.json'}")
     return 0
