@@ -465,10 +465,8 @@ def revisitop_retrieval(
 ) -> dict[str, Any]:
     """mAP and mP@k of revisited Oxford or Paris for the Easy, Medium and Hard protocols."""
     ds = read_revisitop(find_revisitop(data, dataset))
-    dev = torch.device(device)
-    mean, std = input_stats(model)
-    thumb = Thumbnail(imsize, mean, std)
-    db = extract_global(model, ds.images, thumb, multiscale, dev, num_workers, "database")
+    features = _Features(model, imsize, multiscale, device, num_workers)
+    db = features(ds.images, "database")
     if crop_queries:
         boxes = []
         for q, g in enumerate(ds.gnd):
@@ -476,15 +474,10 @@ def revisitop_retrieval(
                 raise DinoError(f"{ds.gnd_file} has no query box (bbx) for query {q}")
             boxes.append(g["bbx"])
         q_feats = torch.cat(
-            [
-                global_feature(
-                    model, thumb(_crop(ds.queries[q], boxes[q]))[None].to(dev), _scales(multiscale)
-                ).cpu()
-                for q in range(len(ds.queries))
-            ]
+            [features.one(_crop(ds.queries[q], boxes[q])) for q in range(len(ds.queries))]
         )
     else:
-        q_feats = extract_global(model, ds.queries, thumb, multiscale, dev, num_workers, "queries")
+        q_feats = features(ds.queries, "queries")
     truths = {
         protocol: [QueryTruth(_indices(g, pos), _indices(g, ("junk", *junk))) for g in ds.gnd]
         for protocol, (pos, junk) in PROTOCOLS.items()
@@ -517,6 +510,34 @@ def revisitop_retrieval(
         )
         res["neighbours"] = str(neighbours_csv)
     return res
+
+
+class _Features:
+    """The global features of images for ``model``: shrunk to ``imsize`` and normalized with
+    the model's input statistics, at one scale or the three of ``multiscale``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        imsize: int,
+        multiscale: bool,
+        device: torch.device | str,
+        num_workers: int,
+    ) -> None:
+        self.model, self.multiscale, self.num_workers = model, multiscale, num_workers
+        self.device = torch.device(device)
+        self.thumb = Thumbnail(imsize, *input_stats(model))
+
+    def __call__(self, paths: Sequence[Path], desc: str) -> torch.Tensor:
+        """``[N, D]`` features of the image files ``paths`` (progress labelled ``desc``)."""
+        return extract_global(
+            self.model, paths, self.thumb, self.multiscale, self.device, self.num_workers, desc
+        )
+
+    def one(self, img: Image.Image) -> torch.Tensor:
+        """``[1, D]`` feature of one image."""
+        x = self.thumb(img)[None].to(self.device)
+        return global_feature(self.model, x, _scales(self.multiscale)).cpu()
 
 
 def _scales(multiscale: bool) -> tuple[float, ...]:
@@ -593,11 +614,9 @@ def folder_retrieval(
     folders have class subfolders."""
     qf = read_folder(queries, "--queries")
     dbf = read_folder(database, "--database")
-    dev = torch.device(device)
-    mean, std = input_stats(model)
-    thumb = Thumbnail(imsize, mean, std)
-    db = extract_global(model, dbf.files, thumb, multiscale, dev, num_workers, "database")
-    q = extract_global(model, qf.files, thumb, multiscale, dev, num_workers, "queries")
+    features = _Features(model, imsize, multiscale, device, num_workers)
+    db = features(dbf.files, "database")
+    q = features(qf.files, "queries")
     index = {p.resolve(): i for i, p in enumerate(dbf.files)}
     itself = [index.get(p.resolve()) for p in qf.files]
     truths: dict[str, list[QueryTruth]] = {}
