@@ -43,6 +43,7 @@ from dino.eval.outputs import Backbone, refuse_existing, resolve_backbone, write
 from dino.eval.patch_features import cls_and_patch_tokens, vit_patch_size
 from dino.eval.retrieval import (
     average_precision,
+    data_or_folders,
     image_batches,
     input_stats,
     normalized_tensor,
@@ -274,13 +275,9 @@ def copy_detection(
     """
     from dino.devices import resolve_device
 
-    plain = originals is not None or copies is not None
-    if plain and data is not None:
-        raise DinoError("pass either --data (Copydays) or --originals and --copies, not both")
-    if plain and (originals is None or copies is None):
-        raise DinoError("plain copy detection needs both --originals and --copies folders")
-    if not plain and data is None:
-        raise DinoError("pass --data with a Copydays folder, or --originals and --copies")
+    plain = data_or_folders(
+        data, (originals, copies), ("--originals", "--copies"), "Copydays", "copy detection"
+    )
     if imsize < 1 or batch_size < 1:
         raise DinoError("--imsize and --batch-size must be positive")
     refuse_existing(matches_csv, "--matches")

@@ -662,6 +662,27 @@ def folder_retrieval(
     return res
 
 
+def data_or_folders(
+    data: object,
+    folders: tuple[object, object],
+    flags: tuple[str, str],
+    layout: str,
+    task: str,
+) -> bool:
+    """Whether the inputs are two plain folders (given as ``flags``) rather than a ``layout``
+    data set given as ``--data``; raise :class:`DinoError` unless exactly one of the two is
+    given, in full."""
+    plain = any(f is not None for f in folders)
+    first, second = flags
+    if plain and data is not None:
+        raise DinoError(f"pass either --data ({layout}) or {first} and {second}, not both")
+    if plain and any(f is None for f in folders):
+        raise DinoError(f"plain {task} needs both {first} and {second} folders")
+    if not plain and data is None:
+        raise DinoError(f"pass --data with a {layout} folder, or {first} and {second}")
+    return plain
+
+
 def image_retrieval(
     backbone: Backbone,
     data: str | Path | None = None,
@@ -704,13 +725,9 @@ def image_retrieval(
         raise DinoError(f"--imsize must be a positive number of pixels, got {imsize}")
     if any(k < 1 for k in ks) or topk < 1:
         raise DinoError("--k and --topk must be at least 1")
-    plain = queries is not None or database is not None
-    if plain and data is not None:
-        raise DinoError("pass either --data (revisitop) or --queries and --database, not both")
-    if plain and (queries is None or database is None):
-        raise DinoError("plain retrieval needs both --queries and --database folders")
-    if not plain and data is None:
-        raise DinoError("pass --data with a revisitop folder, or --queries and --database")
+    plain = data_or_folders(
+        data, (queries, database), ("--queries", "--database"), "revisitop", "retrieval"
+    )
     refuse_existing(neighbours_csv, "--neighbours")
     refuse_existing(json_out, "--json")
     if plain:
