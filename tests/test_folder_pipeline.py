@@ -586,9 +586,23 @@ cfg = load_config(overrides={{"data": {str(root)!r}, "global_size": 16, "local_s
 batches = Batches(cfg, open_training_data(cfg.data.data).train, Dist(), torch.device("cpu"))
 views, bad = next(batches.epoch(0))
 print("batch", views[0].shape[0])
+# ORPHAN
 """
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )  # a hang raises TimeoutExpired
-    assert proc.returncode == 0, proc.stderr
-    assert "batch 4" in proc.stdout
+    # the second case is the one a whole test session hit: the DataLoader and its iterator gone,
+    # their workers never told to stop (an iterator whose shutdown was skipped)
+    orphan = """
+iterator = batches.loader._iterator
+iterator._shutdown = True  # its finalizer now leaves the workers running
+del batches, iterator
+import gc; gc.collect()
+import multiprocessing; assert multiprocessing.active_children()
+"""
+    for case in ("", orphan):
+        proc = subprocess.run(
+            [sys.executable, "-c", script.replace("# ORPHAN", case)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # a hang raises TimeoutExpired
+        assert proc.returncode == 0, proc.stderr
+        assert "batch 4" in proc.stdout

@@ -6,6 +6,7 @@ pil``, folders)."""
 from __future__ import annotations
 
 import atexit
+import multiprocessing.util  # registers its exit handler now, before ours below
 import signal
 import weakref
 from collections.abc import Iterator
@@ -30,14 +31,21 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _stop_workers(loader: weakref.ref[torch.utils.data.DataLoader]) -> None:
-    """At exit, end the persistent workers of a DataLoader that is still alive (a run that
-    stopped on an error, or a Trainer left over in the process): they ignore SIGTERM, so
-    multiprocessing's exit handler, which terminates and then joins them, would wait forever.
-    Runs before that handler (``atexit`` runs the last registered first)."""
-    iterator = getattr(loader(), "_iterator", None)
-    if iterator is not None:
-        iterator._shutdown_workers()  # the workers' end-of-work message, then join
+#: The DataLoader worker processes this process started (a weak set: joined ones drop out).
+_WORKERS: weakref.WeakSet[multiprocessing.Process] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    """At exit, end every DataLoader worker still alive (a run that stopped on an error leaves
+    its persistent workers waiting for work). They ignore SIGTERM, so multiprocessing's exit
+    handler, which terminates and then joins its daemonic children, would wait for them forever.
+    This handler runs before that one: ``atexit`` runs the last registered first, and
+    ``multiprocessing`` registered its handler when it was imported, above."""
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()  # SIGKILL: a worker only decodes and crops, it holds nothing to save
+        worker.join()
 
 
 class Batches:
@@ -93,8 +101,6 @@ class Batches:
             # its own generator: starting workers draws nothing from torch's global one
             generator=torch.Generator().manual_seed(self.cfg.run.seed),
         )
-        if workers > 0:
-            atexit.register(_stop_workers, weakref.ref(loader))
         return loader
 
     def steps_per_epoch(self) -> int:
@@ -109,8 +115,10 @@ class Batches:
                 imgs = self.images[torch.from_numpy(idx).to(self.images.device)]
                 yield self.aug(imgs, idx, epoch, seed), []
         else:
+            iterator = iter(self.loader)
+            _WORKERS.update(getattr(iterator, "_workers", ()))
             try:
-                for batch in self.loader:
+                for batch in iterator:
                     if self.mode == "tensor":  # uint8 crops of each image -> photometric half
                         crops, _labels, bad, index = batch
                         crops = [c.to(self.device, non_blocking=True) for c in crops]
