@@ -235,9 +235,7 @@ def paired(slow: list[dict[str, float]], fast: list[dict[str, float]], what: str
         t = r["main_cpu"] + r["worker_cpu"] if what == "cpu" else r["wall"]
         return t / r["images"]
 
-    return statistics.median(
-        per_image(a) / per_image(b) for a, b in zip(slow, fast, strict=True)
-    )
+    return statistics.median(per_image(a) / per_image(b) for a, b in zip(slow, fast, strict=True))
 
 
 def step_wait(cfg: Config, steps: int) -> dict[str, Any]:

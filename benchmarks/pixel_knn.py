@@ -26,8 +26,9 @@ def main() -> None:
     mean, std = data.mean[0], data.std[0]  # gray images: the three channels share them
     features = {
         "raw pixels (0..1)": lambda x: x.float().flatten(1) / 255,
-        f"normalized pixels ((x - {mean}) / {std})": lambda x: (x.float().flatten(1) / 255 - mean)
-        / std,
+        f"normalized pixels ((x - {mean}) / {std})": lambda x: (
+            (x.float().flatten(1) / 255 - mean) / std
+        ),
     }
     print(f"{'features':<44} " + " ".join(f"{'k=' + str(k):>13}" for k in KS))
     for name, f in features.items():

@@ -30,9 +30,7 @@ def tiny_trainer(tmp_path, **overrides) -> Trainer:
 
 
 def trainable(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad
-    }
+    return {n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
 
 
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:

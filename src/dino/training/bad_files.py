@@ -22,9 +22,7 @@ FILE_NAME = "bad_files.txt"
 class BadFiles:
     """The unreadable files of a run so far (``paths``, in the order they were met)."""
 
-    def __init__(
-        self, run_dir: Path, data: str, total: int, max_fraction: float, d: Dist
-    ) -> None:
+    def __init__(self, run_dir: Path, data: str, total: int, max_fraction: float, d: Dist) -> None:
         self.run_dir = run_dir
         self.data = data  # --data, for the advice
         self.total = total
