@@ -35,6 +35,9 @@ TINY = (
     "--subset 512 --arch vit_pico --depth 1 --patch-size 7 --global-size 28 --local-size 14 "
     "--local-crops 2 --out-dim 64 --head-hidden-dim 64 --head-bottleneck-dim 32 --precision fp32 "
     "--drop-path-rate 0 --eval-every 0 --epochs 1 --log-every 1 --device cpu --seed 3"
+    # KoLeo (on in the fashion-mnist preset) is computed per process batch, as DINOv2 does: off,
+    # so that 2 processes must match 1
+    " --koleo-weight 0"
 ).split()
 B = 32  # per-process batch of the 2-process runs; the 1-process run uses 2 * B
 

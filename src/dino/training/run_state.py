@@ -269,13 +269,18 @@ def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
     if old_batch and old_world * old_batch != t.batches.sampler.global_batch:
         _reposition(t, old_world, old_batch)  # into a new folder only (check_resume)
     elif old_world != t.d.world:
+        differs = (
+            "drop-path randomness and KoLeo (computed per process batch) differ"
+            if t.cfg.loss.koleo_weight
+            else "drop-path randomness differs"
+        )
         log.warning(
             "resuming a run written by %d process(es) with %d: the global batch (%d), the "
-            "data order and the augmentations are unchanged; only drop-path randomness "
-            "differs from an uninterrupted run",
+            "data order and the augmentations are unchanged; only %s from an uninterrupted run",
             old_world,
             t.d.world,
             t.batches.sampler.global_batch,
+            differs,
         )
     elif "rng" in s:
         set_rng_state(s["rng"])
