@@ -23,7 +23,6 @@ from dino.data.tensor_aug import (
     _blur_,
     _blur_kernels,
     _blur_radii,
-    _Buffers,
     crop_boxes,
     resize_weights,
 )
@@ -172,7 +171,7 @@ def test_blur_matches_torchvision_gaussian_blur(size: int, kernel: int) -> None:
     sigma = np.array([0.1, 0.7, 1.3, 2.0])
     radius = (kernel - 1) // 2
     ours = x.clone()
-    _blur_(ours, rows, sigma, radius, _Buffers())
+    _blur_(ours, rows, sigma, radius)
     for i in range(7):
         if i in rows:
             s = float(sigma[list(rows).index(i)])

@@ -294,12 +294,10 @@ def _blur_radii(sigma: np.ndarray, radius: int) -> np.ndarray:
     total = k[:, 0] + 2 * k[:, 1:].sum(1)
     tail = 2 * np.cumsum(k[:, ::-1], 1)[:, ::-1] / total[:, None]  # weight of taps >= t
     kept = tail >= _BLUR_TAIL  # decreasing in t: radius r drops tail[r + 1]
-    return np.maximum(kept[:, 1:].sum(1), 0).astype(np.int64)
+    return kept[:, 1:].sum(1).astype(np.int64)
 
 
-def _blur_(
-    x: torch.Tensor, rows: np.ndarray, sigma: np.ndarray, radius: int, bufs: _Buffers
-) -> None:
+def _blur_(x: torch.Tensor, rows: np.ndarray, sigma: np.ndarray, radius: int) -> None:
     """Blur rows ``rows`` of ``x`` in place with Gaussians of standard deviations ``sigma``
     (torchvision's ``gaussian_blur`` with ``2 radius + 1`` taps, reflect padding, up to the taps
     :func:`_blur_radii` leaves out): separable, as two depthwise convolutions (one kernel per
@@ -323,7 +321,7 @@ def _blur_(
             m = z - a
             k = taps[(a - lo) * c : (z - lo) * c]
             run = rows[a:z]
-            if run[-1] - run[0] == m - 1 and np.all(np.diff(run) == 1):
+            if run[-1] - run[0] == m - 1:  # increasing (a stable sort of sorted rows): contiguous
                 src, idx = x[int(run[0]) : int(run[0]) + m], None
             else:
                 idx = torch.from_numpy(run).to(x.device)
@@ -475,7 +473,7 @@ class Photometric:
         radius = (blur_kernel_size(hi, size) - 1) // 2
         blur_rows = np.flatnonzero(p["blur"][perm])
         if radius > 0 and len(blur_rows):
-            _blur_(x, blur_rows, p["sigma"][perm][blur_rows], radius, self.bufs)
+            _blur_(x, blur_rows, p["sigma"][perm][blur_rows], radius)
         for a, z in _runs(p["solar"][perm], n):
             xs = x[a:z]
             torch.where(xs >= 128, _BOUND - xs, xs, out=xs)
