@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from harness import current_rss_mb, machine_name, save_results, stamp, table
 from PIL import Image
 
+from dino.eval.global_features import SCALES, global_feature
+from dino.eval.image_files import Thumbnail, image_batches
 from dino.eval.patch_features import vit_patch_size
-from dino.eval.retrieval import SCALES, Thumbnail, global_feature, image_batches
 from dino.eval.video_segmentation import (
     TrackSettings,
     Video,

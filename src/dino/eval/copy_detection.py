@@ -39,16 +39,11 @@ from PIL import Image
 from torch import nn
 
 from dino.errors import DinoError
+from dino.eval.image_files import data_or_folders, image_batches, normalized_tensor, read_folder
 from dino.eval.outputs import Backbone, refuse_existing, resolve_backbone, write_csv, write_json
 from dino.eval.patch_features import cls_and_patch_tokens, vit_patch_size
-from dino.eval.retrieval import (
-    average_precision,
-    data_or_folders,
-    image_batches,
-    input_stats,
-    normalized_tensor,
-    read_folder,
-)
+from dino.eval.ranking import average_precision
+from dino.models.weights import input_stats
 
 log = logging.getLogger("dino")
 

@@ -103,6 +103,15 @@ class WeightsInfo:
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
 
+def input_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalization (mean, std) of a backbone: that of the run or file it was loaded
+    from (its ``weights_info``), else ImageNet's."""
+    info = getattr(model, "weights_info", None)
+    if info is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(info.mean), tuple(info.std)
+
+
 def load_backbone(
     weights: str | Path,
     arch: str | None = None,
