@@ -52,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_config(run: Path) -> Config:
-    from dino.config import load_config
+    from dino.config_load import load_config
 
     return load_config(str(run / "config.yaml"))
 

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from harness import interleave, stamp
 from torch import nn
 
-from dino.config import Config, load_config
+from dino.config import Config
+from dino.config_load import load_config
 from dino.data.datasets import open_training_data
 from dino.data.tensor_aug import TensorMultiCrop, ViewSpec
 from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision

@@ -18,7 +18,8 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from dino.cli import main
-from dino.config import Config, load_config
+from dino.config import Config
+from dino.config_load import load_config
 from dino.data.datasets import FASHION_MNIST_DIRS
 from dino.errors import DinoError
 from dino.models.backbones import vit

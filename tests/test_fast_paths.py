@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data.tensor_aug import _hsv_to_rgb, _rgb_to_hsv
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data import file_index, tensor_aug
 from dino.data.datasets import (
     IMAGE_EXTENSIONS,
@@ -577,7 +577,7 @@ def test_a_process_that_leaves_workers_running_still_exits(tmp_path) -> None:
     write_photos(root, 8, (40, 30))
     script = f"""
 import torch
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data.datasets import open_training_data
 from dino.training.batches import Batches
 from dino.training.distributed import Dist

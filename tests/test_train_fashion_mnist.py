@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data.datasets import FASHION_MNIST_DIRS
 from dino.training import Trainer
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from helpers.commands import RANDOM_PICO, one_error_line, run_cli
 from PIL import Image
 
-from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 from dino.eval.davis_scores import boundary_f, boundary_map, jaccard, summarize
 from dino.eval.video_segmentation import (
@@ -32,6 +31,7 @@ from dino.eval.video_segmentation import (
     working_size,
     write_indexed_png,
 )
+from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 RED, BLUE = (220, 30, 30), (30, 60, 230)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.errors import DinoError
 from dino.models.backbones import build_backbone, vit
 from dino.models.head import DINOHead

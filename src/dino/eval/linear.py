@@ -29,7 +29,6 @@ from torch import nn
 from tqdm import tqdm
 
 from dino.atomic_files import atomic_write, save_torch
-from dino.config import check_value
 from dino.data.datasets import loader_workers
 from dino.devices import resolve_device
 from dino.errors import DinoError
@@ -46,6 +45,7 @@ from dino.eval.views import (
     train_transform,
     with_transform,
 )
+from dino.value_checks import check_value
 
 log = logging.getLogger("dino")
 

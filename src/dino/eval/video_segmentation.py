@@ -37,11 +37,11 @@ from torch import nn
 from tqdm import tqdm
 
 from dino.data.datasets import IMAGE_EXTENSIONS, BadImage, load_image
-from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 from dino.eval.davis_scores import boundary_f, jaccard, summarize
 from dino.eval.outputs import Backbone, refuse_existing, resolve_backbone, write_json
 from dino.eval.patch_features import cls_and_patch_tokens, vit_patch_size
+from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("dino")
 

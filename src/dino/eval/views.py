@@ -19,10 +19,10 @@ from torchvision.transforms import InterpolationMode, v2
 
 from dino.data import multicrop
 from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, open_training_data
-from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.data.seeding import sample_seed
 from dino.errors import DinoError
 from dino.eval.features import loader_batches, tensor_eval_batches
+from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 Data = TensorImages | ImageFiles
 
@@ -56,7 +56,7 @@ def resolve_view(
     """
     run_data = (run_config or {}).get("data") or {}
     if data in BUILTIN:
-        from dino.config import load_config
+        from dino.config_load import load_config
 
         preset = load_config(data).data
         base = EvalView(preset.eval_resize, preset.eval_crop, list(preset.mean), list(preset.std))

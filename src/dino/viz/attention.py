@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from dino.data.datasets import BadImage, load_image
-from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
+from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 #: Anchor colors of the heat-map color scale (dark blue -> purple -> orange -> light yellow).
 _COLORS = np.array(
