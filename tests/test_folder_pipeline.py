@@ -24,6 +24,7 @@ from torch.utils.data import default_collate
 
 from dino.config_load import load_config
 from dino.data import file_index, tensor_aug
+from dino.data.crop_draws import ViewSpec
 from dino.data.datasets import (
     IMAGE_EXTENSIONS,
     BadImage,
@@ -39,7 +40,7 @@ from dino.data.datasets import (
 )
 from dino.data.file_crops import CropFiles, FileCrops
 from dino.data.file_index import FileList, cache_path, index_folder
-from dino.data.tensor_aug import TensorMultiCrop, ViewSpec
+from dino.data.tensor_aug import TensorMultiCrop
 from dino.errors import DinoError
 from dino.training.batches import Batches
 from dino.training.distributed import Dist
