@@ -19,8 +19,9 @@ from dino.cli import main
 from dino.data.masking import block_mask, ibot_masks
 from dino.loss import DINOLoss, IBOTPatchLoss, koleo_loss, sinkhorn_knopp
 from dino.loss.ibot_patch import patch_weights
+from dino.models.arch_detect import detect_arch
 from dino.models.backbones import build_backbone, vit_tokens
-from dino.models.weights import detect_arch, load_backbone
+from dino.models.weights import load_backbone
 from dino.training.checkpoint import load_checkpoint
 from dino.viz.attention import cls_attention
 

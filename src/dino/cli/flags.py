@@ -203,7 +203,8 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 def load_weights(args: argparse.Namespace) -> Any:
     """The frozen backbone the weights flags name."""
     from dino.devices import resolve_device
-    from dino.models.weights import RANDOM, load_backbone
+    from dino.models.weight_files import RANDOM
+    from dino.models.weights import load_backbone
 
     if args.like and args.weights != RANDOM:
         raise DinoError("--like only applies to --weights random; drop it")
