@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from dino.cli import main
 from dino.config import Config
 from dino.config_load import load_config
-from dino.data.datasets import FASHION_MNIST_DIRS
+from dino.data.fashion_mnist import FASHION_MNIST_DIRS
 from dino.errors import DinoError
 from dino.models.backbones import vit
 from dino.models.export import timm_spec

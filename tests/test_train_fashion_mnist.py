@@ -15,7 +15,7 @@ import json
 import pytest
 
 from dino.config_load import load_config
-from dino.data.datasets import FASHION_MNIST_DIRS
+from dino.data.fashion_mnist import FASHION_MNIST_DIRS
 from dino.training import Trainer
 
 pytestmark = pytest.mark.skipif(

@@ -14,13 +14,13 @@ from torch import nn
 
 from dino.config_load import load_config
 from dino.errors import DinoError
+from dino.eval.attention import cls_attention
 from dino.models.arch_detect import detect_arch
 from dino.models.backbones import build_backbone, vit
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropNet
 from dino.models.weight_files import REFERENCE_MODELS
 from dino.models.weights import load_backbone
-from dino.viz.attention import cls_attention
 
 torch.set_num_threads(1)
 TOL = 1e-4

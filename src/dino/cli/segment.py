@@ -169,12 +169,13 @@ def segment(args: argparse.Namespace) -> int:
     from dino.data.datasets import image_paths
     from dino.devices import resolve_device
     from dino.eval.api import run_config_of
+    from dino.eval.attention import attention_patch_size
     from dino.eval.views import resolve_view
-    from dino.viz.attention import default_image_size, vit_patch_size
+    from dino.viz.attention import default_image_size
 
     _check(args)
     backbone = load_weights(args)
-    vit_patch_size(backbone)  # a convnet stops here, before any work
+    attention_patch_size(backbone)  # a convnet stops here, before any work
     device = resolve_device(args.device)
     run_config = run_config_of(backbone)
     info = backbone.weights_info
@@ -243,13 +244,16 @@ class _Drawer:
         import torch
 
         from dino.data.datasets import BadImage, load_image
-        from dino.viz.attention import prepare_image, vit_patch_size
+        from dino.eval.attention import attention_patch_size
+        from dino.viz.drawing import prepare_image
 
         try:
             img = load_image(path)
         except BadImage as exc:
             raise DinoError(f"cannot read the image {exc}; pass a readable image file") from None
-        _x, picture = prepare_image(img, vit_patch_size(self.backbone), size, self.mean, self.std)
+        _x, picture = prepare_image(
+            img, attention_patch_size(self.backbone), size, self.mean, self.std
+        )
         self.pixels(torch.from_numpy(np.array(picture)).permute(2, 0, 1), name)
 
 
@@ -300,8 +304,8 @@ def _folder(
     """Score (with --masks) and draw the images of the folder ``--data`` with the network,
     normalization and device of ``draw``."""
     from dino.data.datasets import image_paths
+    from dino.eval.attention import attention_patch_size
     from dino.eval.segmentation import folder_pairs, score_folder
-    from dino.viz.attention import vit_patch_size
 
     result = None
     if args.masks:
@@ -317,7 +321,7 @@ def _folder(
                 args.threshold,
             )
         if n_pictures:
-            pairs = folder_pairs(args.data, args.masks, vit_patch_size(draw.backbone), size)
+            pairs = folder_pairs(args.data, args.masks, attention_patch_size(draw.backbone), size)
             for path, pix, mask in list(pairs)[:n_pictures]:
                 draw.pixels(pix, Path(path).stem, mask)
     elif n_pictures:
@@ -331,7 +335,8 @@ def attention_video(args: argparse.Namespace) -> int:
 
     from dino.devices import resolve_device
     from dino.eval.api import run_config_of
-    from dino.viz.attention import default_image_size, vit_patch_size
+    from dino.eval.attention import attention_patch_size
+    from dino.viz.attention import default_image_size
     from dino.viz.video import attention_video as write_attention_video
 
     if args.fps is not None and args.fps <= 0:
@@ -341,7 +346,7 @@ def attention_video(args: argparse.Namespace) -> int:
     output = args.video or f"{Path(args.source).stem}-attention.mp4"
     check_output(output, "--output", "file")
     backbone = load_weights(args)
-    vit_patch_size(backbone)  # a convnet stops here, before the video is read
+    attention_patch_size(backbone)  # a convnet stops here, before the video is read
     size = args.size or default_image_size(run_config_of(backbone))
     bars: list[tqdm] = []
 

@@ -69,7 +69,7 @@ def register(sub: Any) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from dino import train as run_training
+    from dino.training import train as run_training
 
     overrides = config_overrides(args)
     if args.resume:

@@ -238,15 +238,11 @@ def attention_overviews(
     device: str = "cpu",
 ) -> list[tuple[str, Path]]:
     """One ``attention-<i>.png`` overview per image (a DinoError for non-ViT backbones)."""
-    from dino.viz.attention import (
-        attention_masks,
-        cls_attention,
-        overview,
-        prepare_image,
-        vit_patch_size,
-    )
+    from dino.eval.attention import attention_masks, attention_patch_size, cls_attention
+    from dino.viz.attention import overview
+    from dino.viz.drawing import prepare_image
 
-    patch = vit_patch_size(backbone)
+    patch = attention_patch_size(backbone)
     info = backbone.weights_info
     written = []
     for i, (caption, img) in enumerate(images):

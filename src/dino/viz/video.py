@@ -26,7 +26,8 @@ from torch import nn
 
 from dino.data.datasets import BadImage, image_paths, load_image
 from dino.errors import DinoError
-from dino.viz.attention import _upsample, cls_attention, colorize, prepare_image, vit_patch_size
+from dino.eval.attention import attention_patch_size, cls_attention
+from dino.viz.drawing import colorize, prepare_image, upsample
 
 #: Output formats by file extension.
 VIDEO_FORMATS = (".mp4", ".gif")
@@ -132,8 +133,8 @@ def attention_frame(model: nn.Module, picture: Image.Image, x: torch.Tensor) -> 
     att = cls_attention(model, x)[0].float().cpu().numpy()
     size = picture.size
     panels = [np.asarray(picture)]
-    panels.append(colorize(_upsample(att.mean(0), size)))
-    panels += [colorize(_upsample(a, size)) for a in att]
+    panels.append(colorize(upsample(att.mean(0), size)))
+    panels += [colorize(upsample(a, size)) for a in att]
     gap = np.full((size[1], 2, 3), 255, dtype=np.uint8)
     row = []
     for p in panels:
@@ -166,7 +167,7 @@ def attention_video(
         device: where to run the model.
         progress: called with 1 after each frame.
     """
-    patch = vit_patch_size(model)  # a convnet stops here, before anything is read
+    patch = attention_patch_size(model)  # a convnet stops here, before anything is read
     info = getattr(model, "weights_info", None)
     mean = list(mean or (info.mean if info else (0.485, 0.456, 0.406)))
     std = list(std or (info.std if info else (0.229, 0.224, 0.225)))
