@@ -178,13 +178,14 @@ def segment(args: argparse.Namespace) -> int:
     attention_patch_size(backbone)  # a convnet stops here, before any work
     device = resolve_device(args.device)
     run_config = run_config_of(backbone)
-    info = backbone.weights_info
     if args.data == SCENES:
         view = resolve_view(SCENES, run_config, None, None, args.mean, args.std)
         mean, std = list(view.mean), list(view.std)
     else:
-        mean = list(args.mean or info.mean)
-        std = list(args.std or info.std)
+        from dino.models.weights import input_stats
+
+        run_mean, run_std = input_stats(backbone)
+        mean, std = list(args.mean or run_mean), list(args.std or run_std)
     size = args.image_size
     if size is None and args.data != SCENES:
         size = default_image_size(run_config) or None
@@ -199,7 +200,9 @@ def segment(args: argparse.Namespace) -> int:
     elif args.data:
         result = _folder(args, draw, size, n_pictures)
     if result is not None:
-        result.update(threshold=args.threshold, weights=info.source, data=args.data)
+        result.update(
+            threshold=args.threshold, weights=backbone.weights_info.source, data=args.data
+        )
         _print_scores(result, "test scenes" if args.data == SCENES else f"images of {args.data}")
         if args.json:
             _write_json(args.json, result)

@@ -64,6 +64,13 @@ class WeightsInfo:
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
 
+def config_stats(run_config: dict[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalization (mean, std) of a ``dino train`` run's config: its ``data`` section's,
+    else ImageNet's."""
+    data = (run_config or {}).get("data") or {}
+    return tuple(data.get("mean", IMAGENET_MEAN)), tuple(data.get("std", IMAGENET_STD))
+
+
 def input_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input normalization (mean, std) of a backbone: that of the run or file it was loaded
     from (its ``weights_info``), else ImageNet's."""
@@ -126,11 +133,7 @@ def load_backbone(
         _load_into(model, state, source, spec["arch"])
     model.eval().requires_grad_(False)
     model.to(device)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if run_config is not None:
-        data = run_config.get("data", {})
-        mean = tuple(data.get("mean", mean))
-        std = tuple(data.get("std", std))
+    mean, std = config_stats(run_config)
     vit_like = hasattr(model, "patch_embed") and hasattr(model, "blocks")
     model.weights_info = WeightsInfo(
         source=source,

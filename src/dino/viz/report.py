@@ -239,14 +239,15 @@ def attention_overviews(
 ) -> list[tuple[str, Path]]:
     """One ``attention-<i>.png`` overview per image (a DinoError for non-ViT backbones)."""
     from dino.eval.attention import attention_masks, attention_patch_size, cls_attention
+    from dino.models.weights import input_stats
     from dino.viz.attention import overview
     from dino.viz.drawing import prepare_image
 
     patch = attention_patch_size(backbone)
-    info = backbone.weights_info
+    mean, std = input_stats(backbone)
     written = []
     for i, (caption, img) in enumerate(images):
-        x, picture = prepare_image(img, patch, image_size, info.mean, info.std)
+        x, picture = prepare_image(img, patch, image_size, mean, std)
         att = cls_attention(backbone, x.to(device))[0].float().cpu()
         masks = attention_masks(att, 0.6)
         path = out / f"attention-{i}.png"

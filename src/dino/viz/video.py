@@ -27,6 +27,7 @@ from torch import nn
 from dino.data.datasets import BadImage, image_paths, load_image
 from dino.errors import DinoError
 from dino.eval.attention import attention_patch_size, cls_attention
+from dino.models.weights import input_stats
 from dino.viz.drawing import colorize, prepare_image, upsample
 
 #: Output formats by file extension.
@@ -168,9 +169,8 @@ def attention_video(
         progress: called with 1 after each frame.
     """
     patch = attention_patch_size(model)  # a convnet stops here, before anything is read
-    info = getattr(model, "weights_info", None)
-    mean = list(mean or (info.mean if info else (0.485, 0.456, 0.406)))
-    std = list(std or (info.std if info else (0.229, 0.224, 0.225)))
+    run_mean, run_std = input_stats(model)
+    mean, std = list(mean or run_mean), list(std or run_std)
     out = Path(output)
     if out.suffix.lower() not in VIDEO_FORMATS:
         raise DinoError(f"{out}: unknown video format {out.suffix!r}; name the output .mp4 or .gif")
