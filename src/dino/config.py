@@ -23,6 +23,10 @@ import yaml
 from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.value_checks import setting
 
+#: The weighted k-NN protocol's k values and vote temperature (the reference's): the defaults of
+#: the training run's k-NN, of ``dino knn`` and of :func:`dino.eval.neighbors.weighted_knn`.
+KNN_KS = (10, 20, 100, 200)
+KNN_TEMPERATURE = 0.07
 #: Declares a field: default, help text and valid values (the name keeps the schema short).
 _f = setting
 
@@ -328,12 +332,14 @@ class RunConfig:
         on_resume="free",
     )
     knn_k: list[int] = _f(
-        [10, 20, 100, 200],
+        list(KNN_KS),
         "k values of the weighted k-NN evaluation.",
         range="[1, inf)",
         length=(1, math.inf),
     )
-    knn_temp: float = _f(0.07, "temperature of the weighted k-NN votes.", range="(0, inf)")
+    knn_temp: float = _f(
+        KNN_TEMPERATURE, "temperature of the weighted k-NN votes.", range="(0, inf)"
+    )
     log_every: int = _f(
         10, "iterations between two lines of metrics.jsonl.", range="[1, inf)", on_resume="free"
     )
