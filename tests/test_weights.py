@@ -128,6 +128,27 @@ def test_resnet50_reference_state_dict(tmp_path) -> None:
             assert loaded.weights_info.arch == "tv:resnet50"
             assert loaded.embed_dim == 2048
             assert max_diff(loaded(x), want) <= TOL
+        # the reference's --arch resnet50 names the same network: its keys load the same way
+        by_name = load_backbone(tmp_path / "dino_resnet50_pretrain.pth", arch="resnet50")
+        assert by_name.weights_info.arch == "tv:resnet50"
+        assert max_diff(by_name(x), want) <= TOL
+
+
+def test_reference_resnet_names_build_torchvision_and_other_names_timm() -> None:
+    """``--arch resnet50`` is torchvision's ResNet-50 as in the reference code: its residual
+    blocks' last BN starts at gamma = 1 (timm's ResNets start it at 0); other timm names stay
+    timm's."""
+    import timm
+    import torchvision
+
+    net = build_backbone("resnet50")
+    assert isinstance(net.net, torchvision.models.ResNet) and net.embed_dim == 2048
+    gammas = [b.bn3.weight for layer in (net.net.layer1, net.net.layer4) for b in layer]
+    assert all(bool((g == 1).all()) for g in gammas)
+    timm_net = timm.create_model("resnet50", num_classes=0)
+    assert bool((timm_net.layer1[0].bn3.weight == 0).all())  # what --arch resnet50 used to give
+    other = build_backbone("resnet10t")
+    assert isinstance(other, timm.models.ResNet) and not hasattr(other, "net")
 
 
 def make_run(root, arch: str = "vit_pico", patch: int = 4, depth: int = 2, size: int = 32):

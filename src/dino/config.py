@@ -87,7 +87,9 @@ class ModelConfig:
         on_resume="fixed",
     )
     use_bn_in_head: bool = _f(
-        False, "BatchNorm in the head's hidden layers (on for convnets).", on_resume="fixed"
+        False,
+        "BatchNorm in the head's hidden layers (off in the reference, for convnets too).",
+        on_resume="fixed",
     )
     init: str = _f(
         "",

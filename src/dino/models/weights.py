@@ -31,7 +31,7 @@ from torch import nn
 from dino.errors import DinoError
 from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.models.arch_detect import build_from_spec, random_spec, resolve_arch
-from dino.models.backbones import VIT_SIZES
+from dino.models.backbones import VIT_SIZES, canonical_arch
 from dino.models.vit import resample_pos_embed
 from dino.models.weight_files import (
     RANDOM,
@@ -117,9 +117,11 @@ def load_backbone(
         DinoError: missing, unreadable or truncated file; no backbone in it; shapes that do not
             match the requested architecture.
     """
+    arch = canonical_arch(arch) if arch else arch
     if str(weights) == RANDOM:
         run_config = read_like(like) if like else None
         spec = random_spec(arch, patch_size, run_config)
+        spec["arch"] = canonical_arch(spec["arch"])
         source, key_used = RANDOM, None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -129,6 +131,7 @@ def load_backbone(
         source = str(path)
         state, key_used = backbone_state(obj, source, checkpoint_key)
         spec = resolve_arch(state, source, arch, patch_size, run_config)
+        spec["arch"] = canonical_arch(spec["arch"])
         model = build_from_spec(spec, source)
         _load_into(model, state, source, spec["arch"])
     model.eval().requires_grad_(False)
@@ -208,6 +211,7 @@ def init_backbone(backbone: nn.Module, init: str, arch: str, patch_size: int | N
     Raises:
         DinoError: unreadable or missing weights, or weights of another architecture.
     """
+    arch = canonical_arch(arch)
     if init.startswith("timm:"):
         state = _timm_pretrained_state(init[5:])
     else:
