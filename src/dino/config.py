@@ -36,8 +36,9 @@ class ModelConfig:
     arch: str = _f(
         "vit_small",
         "backbone: vit_pico, vit_nano (96 and 128 wide, for small images), vit_tiny, vit_small, "
-        "vit_base (with --patch-size), any timm model name, or tv:<torchvision model>. Larger "
-        "ViTs learn better features but cost more per step.",
+        "vit_base (with --patch-size), any timm model name, or tv:<torchvision model> (resnet50 "
+        "and the reference's other ResNet names are torchvision's, as there). Larger ViTs learn "
+        "better features but cost more per step.",
         on_resume="fixed",
     )
     patch_size: int = _f(
