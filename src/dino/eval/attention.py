@@ -10,6 +10,7 @@ the masks.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torch import nn
 
 from dino.errors import DinoError
@@ -26,6 +27,25 @@ def attention_patch_size(model: nn.Module) -> int:
         )
     size = embed.patch_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def resized_to_patches(
+    img: Image.Image, patch: int, image_size: int | None, what: str
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Where an image goes for a ViT's attention: the ``(width, height)`` with the shorter side
+    ``image_size`` (None: the image's own), and the centered crop box of whole patches in it; a
+    :class:`DinoError` naming ``what`` when it is smaller than one patch."""
+    w, h = img.size
+    if image_size:
+        scale = image_size / min(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    cw, ch = w - w % patch, h - h % patch
+    if cw == 0 or ch == 0:
+        raise DinoError(
+            f"{what} ({w}x{h}) is smaller than one {patch}-pixel patch; pass a larger --image-size"
+        )
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return (w, h), (left, top, left + cw, top + ch)
 
 
 @torch.no_grad()

@@ -38,7 +38,12 @@ from torch import nn
 
 from dino.data.datasets import IMAGE_EXTENSIONS, BadImage, load_image, scan_folder
 from dino.errors import DinoError
-from dino.eval.attention import attention_masks, attention_patch_size, cls_attention
+from dino.eval.attention import (
+    attention_masks,
+    attention_patch_size,
+    cls_attention,
+    resized_to_patches,
+)
 
 #: Attention mass the paper's masks keep.
 MASS = 0.6
@@ -311,19 +316,11 @@ def prepare_pair(
             f"{image.width}x{image.height}; each mask must have its image's size"
         )
     m = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    size, box = resized_to_patches(image, patch, image_size, name)
     img = image
-    if image_size:
-        scale = image_size / min(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    if size != image.size:
         img = img.resize(size, Image.Resampling.BICUBIC)
         m = m.resize(size, Image.Resampling.NEAREST)
-    w, h = img.size
-    cw, ch = w - w % patch, h - h % patch
-    if cw == 0 or ch == 0:
-        raise DinoError(
-            f"{name} ({w}x{h}) is smaller than one {patch}-pixel patch; pass a larger --image-size"
-        )
-    box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
     pix = torch.from_numpy(np.array(img.crop(box), dtype=np.uint8)).permute(2, 0, 1)
     return pix, torch.from_numpy(np.array(m.crop(box)) > 127)
 

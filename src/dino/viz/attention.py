@@ -22,7 +22,15 @@ from dino.data.datasets import BadImage, load_image
 from dino.errors import DinoError
 from dino.eval.attention import attention_masks, attention_patch_size, cls_attention
 from dino.models.weights import input_stats
-from dino.viz.drawing import colorize, overlay, panel, prepare_image, sheet, upsample
+from dino.viz.drawing import (
+    colorize,
+    overlay,
+    panel,
+    prepare_image,
+    save_head_maps,
+    sheet,
+    upsample,
+)
 
 
 def overview(
@@ -93,21 +101,13 @@ def save_attention_maps(
     attention = cls_attention(model, x.to(device))[0].float().cpu()
     masks = attention_masks(attention, threshold)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     att, msk = attention.numpy(), masks.numpy()
-    written: list[Path] = []
-
-    def save(img: Image.Image, name: str) -> None:
-        img.save(out / name)
-        written.append(out / name)
-
-    save(picture, "image.png")
-    for i in range(att.shape[0]):
-        save(Image.fromarray(colorize(upsample(att[i], picture.size))), f"attn-head{i}.png")
-        mask = (upsample(msk[i], picture.size) * 255).astype(np.uint8)
-        save(Image.fromarray(mask, "L"), f"mask-head{i}.png")
-    save(Image.fromarray(colorize(upsample(att.mean(0), picture.size))), "attn-mean.png")
-    save(overview(picture, att, msk), "overview.png")
+    mask_pictures = [
+        Image.fromarray((upsample(m, picture.size) * 255).astype(np.uint8), "L") for m in msk
+    ]
+    written = save_head_maps(out, picture, att, mask_pictures)
+    overview(picture, att, msk).save(out / "overview.png")
+    written.append(out / "overview.png")
     np.save(out / "attention.npy", att.astype(np.float32))
     return {
         "overview": out / "overview.png",

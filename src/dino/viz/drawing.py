@@ -4,11 +4,15 @@ sheets of them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from dino.errors import DinoError
+from dino.eval.attention import resized_to_patches
 
 #: Anchor colors of the heat-map color scale (dark blue -> purple -> orange -> light yellow).
 HEAT_COLORS = np.array(
@@ -59,18 +63,11 @@ def prepare_image(
     """Resize the shorter side to ``image_size`` (None: keep the size), center-crop to multiples
     of the patch size; returns the normalized tensor ``[1, 3, H, W]`` and the cropped picture."""
     img = image.convert("RGB")
-    if image_size:
-        w, h = img.size
-        scale = image_size / min(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    size, box = resized_to_patches(img, patch_size, image_size, "the image after resizing")
+    if size != img.size:
         img = img.resize(size, Image.Resampling.BICUBIC)
-    w, h = img.size
-    cw, ch = w - w % patch_size, h - h % patch_size
-    if cw == 0 or ch == 0:
-        raise DinoError(
-            f"the image ({w}x{h} after resizing) is smaller than one {patch_size}-pixel patch; "
-            "pass a larger --image-size"
-        )
+    w, h = size
+    cw, ch = box[2] - box[0], box[3] - box[1]
     tokens = (cw // patch_size) * (ch // patch_size)
     if tokens > MAX_PATCHES:
         raise DinoError(
@@ -78,8 +75,7 @@ def prepare_image(
             f"more than the {MAX_PATCHES} attention maps are drawn for (every block's attention "
             "grows with their square); pass a smaller --image-size, such as 480"
         )
-    left, top = (w - cw) // 2, (h - ch) // 2
-    img = img.crop((left, top, left + cw, top + ch))
+    img = img.crop(box)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -142,3 +138,20 @@ def sheet(panels: list[list[Image.Image]], pad: int = 4) -> Image.Image:
             x += p.width + pad
         y += max(p.height for p in row) + pad
     return sheet
+
+
+def save_head_maps(
+    out: Path, picture: Image.Image, attention: np.ndarray, masks: Sequence[Image.Image]
+) -> list[Path]:
+    """Write ``image.png``, each head's heat map ``attn-head<h>.png`` and mask
+    ``mask-head<h>.png``, and ``attn-mean.png`` into the folder ``out`` (created); the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [("image.png", picture)]
+    for h, (att, mask) in enumerate(zip(attention, masks, strict=True)):
+        files.append((f"attn-head{h}.png", Image.fromarray(colorize(upsample(att, picture.size)))))
+        files.append((f"mask-head{h}.png", mask))
+    mean = Image.fromarray(colorize(upsample(attention.mean(0), picture.size)))
+    files.append(("attn-mean.png", mean))
+    for name, img in files:
+        img.save(out / name)
+    return [out / name for name, _ in files]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dino.eval.segmentation import Segmentation
-from dino.viz.drawing import colorize, overlay, panel, sheet, upsample
+from dino.viz.drawing import colorize, overlay, panel, save_head_maps, sheet, upsample
 from dino.viz.pca import foreground_picture, mask_picture, pca_picture
 
 
@@ -65,20 +65,15 @@ def save_segmentation(
     ``pca-foreground.png``, ``true-mask.png`` (when known), ``overview.png`` (all of them in a
     row), ``attention.npy`` (``[heads, h, w]`` float32). Returns the paths written."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     size = picture.size
     att = seg.attention[i].numpy()
-    written: list[Path] = []
+    masks = [mask_picture(m, size).convert("L") for m in seg.masks[i]]
+    written = save_head_maps(out, picture, att, masks)
 
     def save(img: Image.Image, name: str) -> None:
         img.save(out / name)
         written.append(out / name)
 
-    save(picture, "image.png")
-    for h in range(att.shape[0]):
-        save(Image.fromarray(colorize(upsample(att[h], size))), f"attn-head{h}.png")
-        save(mask_picture(seg.masks[i, h], size).convert("L"), f"mask-head{h}.png")
-    save(Image.fromarray(colorize(upsample(att.mean(0), size))), "attn-mean.png")
     save(pca_picture(seg.pca_rgb[i], size), "pca.png")
     save(foreground_picture(seg.pca_rgb[i], seg.pca_mask[i], size), "pca-foreground.png")
     if truth is not None:
