@@ -13,7 +13,7 @@ vector per image ``[B, D]`` and exposes ``embed_dim`` (``D``):
   may use as scratch space, with no positional embedding and in no output (neither the feature
   nor the patch tokens nor the attention maps);
 * torchvision convnets as ``tv:<name>`` (``tv:resnet50``), classifier replaced by identity; the
-  ResNet names the reference code trains (``resnet50``, ``resnet18`` ... :data:`REFERENCE_RESNETS`)
+  ResNet names the reference code trains (``resnet50``, ``resnet18`` ...: :func:`canonical_arch`)
   are torchvision's too, as there (torchvision's initialization: no zero-initialized last BN of
   the residual blocks, unlike timm's ResNets);
 * any other timm model name (``convnext_tiny``, ``vit_small_patch16_224`` ...), classifier removed.
@@ -38,25 +38,15 @@ VIT_SIZES: dict[str, tuple[int, int]] = {
 }
 
 
-#: ResNet names that build torchvision's network, as the reference code's ``--arch`` does (it
-#: takes convnets from ``torchvision.models``); ``timm:<name>`` still asks for timm's.
-REFERENCE_RESNETS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-)
-
-
 def canonical_arch(arch: str) -> str:
-    """``arch`` as the backbone records it: ``tv:<name>`` for a :data:`REFERENCE_RESNETS` name,
-    else unchanged."""
-    return f"tv:{arch}" if arch in REFERENCE_RESNETS else arch
+    """``arch`` as the backbone records it: ``tv:<name>`` for the name of one of torchvision's
+    ResNets (``resnet50``, ``wide_resnet50_2``, ``resnext50_32x4d`` ...), which the reference
+    code's ``--arch`` builds from torchvision; any other name unchanged (``timm:resnet50`` still
+    asks for timm's)."""
+    import torchvision
+
+    resnets = torchvision.models.list_models(include=["resnet*", "resnext*", "wide_resnet*"])
+    return f"tv:{arch}" if arch in resnets else arch
 
 
 def vit(
