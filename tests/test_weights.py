@@ -332,3 +332,20 @@ def test_classifier_layers_are_dropped_and_convnet_runs_load(tmp_path) -> None:
         loaded = load_backbone(run)
         assert loaded.weights_info.arch == "tv:resnet18"
         assert max_diff(loaded(x), net(x)) <= TOL
+
+
+def test_init_resamples_positions_as_the_network_does(tmp_path) -> None:
+    """``--init`` from weights trained at another image size resamples the positional embedding
+    with the rule the ViT itself applies to other input sizes (the reference's), so the started
+    network computes what the source network computes on inputs of the new size."""
+    from dino.models.weights import init_backbone
+
+    torch.manual_seed(0)
+    source = perturbed(vit("vit_pico", 8, 64, 2), 1).eval()
+    torch.save(source.state_dict(), tmp_path / "source.pth")
+    target = vit("vit_pico", 8, 32, 2).eval()
+    init_backbone(target, str(tmp_path / "source.pth"), "vit_pico", 8)
+    assert target.pos_embed.shape == (1, 1 + 4 * 4, 96)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(target(x), source(x)) <= TOL
