@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness import interleave, machine_name, paired_speedup, save_results, stamp, table
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.training.step import train_step
 from dino.training.trainer import Trainer
 

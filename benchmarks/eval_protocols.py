@@ -28,18 +28,12 @@ import torch.nn.functional as F
 from harness import current_rss_mb, machine_name, save_results, stamp, table
 from PIL import Image
 
+from dino.eval.davis_io import Video, davis_palette, write_indexed_png
+from dino.eval.global_features import SCALES, global_feature
+from dino.eval.image_files import Thumbnail, image_batches
+from dino.eval.label_propagation import TrackSettings, propagate, working_size
 from dino.eval.patch_features import vit_patch_size
-from dino.eval.retrieval import SCALES, Thumbnail, global_feature, image_batches
-from dino.eval.video_segmentation import (
-    TrackSettings,
-    Video,
-    backbone_features,
-    davis_palette,
-    propagate,
-    track_video,
-    working_size,
-    write_indexed_png,
-)
+from dino.eval.video_segmentation import backbone_features, track_video
 from dino.models.weights import load_backbone
 
 

@@ -49,7 +49,8 @@ from harness import machine_name, save_results, stamp, table
 from PIL import Image
 from reference_aug import ReferenceFolder, ReferenceMultiCrop
 
-from dino.config import Config, load_config
+from dino.config import Config
+from dino.config_load import load_config
 from dino.data.datasets import open_training_data
 from dino.training.batches import Batches
 from dino.training.distributed import Dist

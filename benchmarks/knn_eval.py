@@ -17,7 +17,7 @@ import time
 import torch
 from harness import machine_name, save_results, stamp, table
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data.datasets import open_training_data
 from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from dino.eval.features import extract, tensor_eval_batches

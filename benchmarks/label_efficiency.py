@@ -38,8 +38,9 @@ from harness import machine_name, save_results, stamp
 from torch import nn
 
 from dino.config import Config
+from dino.data.crop_draws import view_specs
 from dino.data.datasets import TensorImages
-from dino.data.tensor_aug import TensorMultiCrop, view_specs
+from dino.data.tensor_aug import TensorMultiCrop
 from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from dino.eval.api import knn_eval
 from dino.eval.labels import labeled_subset, mean_spread
@@ -52,7 +53,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_config(run: Path) -> Config:
-    from dino.config import load_config
+    from dino.config_load import load_config
 
     return load_config(str(run / "config.yaml"))
 

@@ -119,7 +119,7 @@ def first_batch(data: str, nocache: bool) -> dict:
     ``Batches`` (batched path, 2 workers), and the resident memory then."""
     import torch
 
-    from dino.config import load_config
+    from dino.config_load import load_config
     from dino.data.datasets import open_training_data
     from dino.data.file_index import cache_path
     from dino.training.batches import Batches

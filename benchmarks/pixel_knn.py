@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data.datasets import fashion_mnist
 from dino.eval.neighbors import weighted_knn
 

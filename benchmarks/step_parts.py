@@ -18,7 +18,7 @@ import torch
 from baseline import PlainDINOLoss, clip_gradients
 from harness import interleave, machine_name, paired_speedup, save_results, stamp, table
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.loss import DINOLoss
 from dino.training.networks import build_networks
 from dino.training.optim import param_groups

@@ -37,9 +37,11 @@ import torch.nn.functional as F
 from harness import interleave, stamp
 from torch import nn
 
-from dino.config import Config, load_config
+from dino.config import Config
+from dino.config_load import load_config
+from dino.data.crop_draws import ViewSpec
 from dino.data.datasets import open_training_data
-from dino.data.tensor_aug import TensorMultiCrop, ViewSpec
+from dino.data.tensor_aug import TensorMultiCrop
 from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from dino.eval.features import tensor_eval_batches
 from dino.models.backbones import build_backbone

@@ -44,7 +44,8 @@ from harness import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from dino.config import Config, load_config
+from dino.config import Config
+from dino.config_load import load_config
 from dino.data.datasets import open_training_data
 from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from dino.training.batches import Batches

@@ -9,13 +9,10 @@ from PIL import Image
 
 from dino.cli import main
 from dino.errors import DinoError
+from dino.eval.attention import attention_masks, cls_attention
 from dino.models.backbones import vit
-from dino.viz.attention import (
-    attention_masks,
-    cls_attention,
-    prepare_image,
-    save_attention_maps,
-)
+from dino.viz.attention import save_attention_maps
+from dino.viz.drawing import prepare_image
 
 torch.set_num_threads(1)
 

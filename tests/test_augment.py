@@ -12,9 +12,10 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from dino.config import DataConfig
+from dino.data.crop_draws import ViewSpec, crop_boxes
 from dino.data.multicrop import MultiCropTransform
 from dino.data.seeding import sample_keys, sample_seed, uniforms
-from dino.data.tensor_aug import TensorMultiCrop, ViewSpec, crop_boxes
+from dino.data.tensor_aug import TensorMultiCrop
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

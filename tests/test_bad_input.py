@@ -27,7 +27,8 @@ from helpers.faults import install_nan, install_stop_before_step
 from PIL import Image
 
 from dino.cli import main
-from dino.config import leaf_fields, load_config
+from dino.config import leaf_fields
+from dino.config_load import load_config
 from dino.errors import DinoError
 from dino.training.checkpoint import LATEST, load_checkpoint, save_checkpoint
 

@@ -6,7 +6,9 @@ import pytest
 import yaml
 
 from dino.cli import main
-from dino.config import Config, apply_overrides, load_config, validate
+from dino.config import Config
+from dino.config_checks import validate
+from dino.config_load import apply_overrides, load_config
 from dino.errors import DinoError
 
 

@@ -132,7 +132,13 @@ def test_copydays_with_a_random_vit(tmp_path, capsys):
     assert code == 0, err
     res = json.loads(js.read_text())
     assert set(res["mAP"]) == {"original", "strong", "jpeg", "crops"}
-    assert res["n_distractors"] == len(GREYS) and res["whitening_images"] == len(GREYS)
+    # no --whitening: nothing is learned, not even on the distractors of the database
+    assert res["n_distractors"] == len(GREYS) and res["whitening_images"] == 0
+    assert (res["whitening"], res["whitening_learned_on"], res["whitening_dims"]) == (
+        "none",
+        None,
+        None,
+    )
     # 14 database images: a random ranking scores about 0.25; JPEG copies are found first
     assert res["mAP"]["original"] == 1.0
     assert res["mAP"]["jpeg"] >= 0.9 and res["mAP"]["crops"] >= 0.5, res["mAP"]
@@ -148,18 +154,25 @@ def test_plain_folders_list_each_copys_best_match(tmp_path):
         im.save(originals / f"{name}.png")
         jpeg(im, 20).save(copies / f"{name}_jpeg.jpg")
         crop(im, 0.75).save(copies / f"{name}_crop.png")
+    others = tmp_path / "whitening"
+    others.mkdir()
+    for name in GREYS:
+        photo(name).save(others / f"{name}.png")
     out = tmp_path / "matches.csv"
     res = copy_detection(
         pico,
         originals=originals,
         copies=copies,
-        learn_whitening=False,
+        whitening=others,
         imsize=96,
         matches_csv=out,
         device="cpu",
     )
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 * len(PHOTOS) == res["n_copies"]
+    # the whitening is learned on the given folder only, and the results say so
+    assert res["whitening"] == "PCA whitening (power 0.5)"
+    assert (res["whitening_learned_on"], res["whitening_images"]) == (str(others), len(GREYS))
     right = sum(Path(r["best_match"]).stem == Path(r["query"]).stem.rsplit("_", 1)[0] for r in rows)
     assert right >= 2 * len(PHOTOS) - 1
     assert all(-1 <= float(r["similarity"]) <= 1 for r in rows)

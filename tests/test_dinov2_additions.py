@@ -17,12 +17,13 @@ from helpers.faults import install_stop_before_step
 
 from dino.cli import main
 from dino.data.masking import block_mask, ibot_masks
+from dino.eval.attention import cls_attention
 from dino.loss import DINOLoss, IBOTPatchLoss, koleo_loss, sinkhorn_knopp
 from dino.loss.ibot_patch import patch_weights
+from dino.models.arch_detect import detect_arch
 from dino.models.backbones import build_backbone, vit_tokens
-from dino.models.weights import detect_arch, load_backbone
+from dino.models.weights import load_backbone
 from dino.training.checkpoint import load_checkpoint
-from dino.viz.attention import cls_attention
 
 torch.set_num_threads(1)
 

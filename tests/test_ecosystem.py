@@ -18,8 +18,9 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from dino.cli import main
-from dino.config import Config, load_config
-from dino.data.datasets import FASHION_MNIST_DIRS
+from dino.config import Config
+from dino.config_load import load_config
+from dino.data.fashion_mnist import FASHION_MNIST_DIRS
 from dino.errors import DinoError
 from dino.models.backbones import vit
 from dino.models.export import timm_spec
@@ -96,7 +97,7 @@ def test_preset_values() -> None:
     assert (rn.model.arch, rn.optim.optimizer, rn.optim.lr) == ("tv:resnet50", "sgd", 0.03)
     assert rn.optim.weight_decay == rn.optim.weight_decay_end == 1e-4
     assert rn.data.global_scale == [0.14, 1.0] and rn.data.local_scale == [0.05, 0.14]
-    assert rn.model.use_bn_in_head
+    assert not rn.model.use_bn_in_head  # the reference command's head: no BatchNorm
 
 
 def test_optimizer_field() -> None:

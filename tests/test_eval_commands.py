@@ -17,8 +17,8 @@ from PIL import Image
 from test_weights import make_run
 
 from dino.cli import main
-from dino.data.datasets import FASHION_MNIST_DIRS
-from dino.eval.linear import ProbeFeatures
+from dino.data.fashion_mnist import FASHION_MNIST_DIRS
+from dino.eval.linear_head import ProbeFeatures
 from dino.eval.views import resolve_view
 from dino.models.backbones import vit
 

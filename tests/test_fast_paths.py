@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from dino.config import load_config
-from dino.data.tensor_aug import _hsv_to_rgb, _rgb_to_hsv
+from dino.config_load import load_config
+from dino.data.photometric import hsv_to_rgb, rgb_to_hsv
 
 
 def _table_hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
@@ -29,12 +29,12 @@ def test_hsv_to_rgb_closed_form_equals_the_table() -> None:
     hsv = torch.rand(4, 3, 17, 19)
     hsv[0, 0, 0, :6] = torch.tensor([0.0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])  # sector edges
     hsv[1, 1] = 0.0  # no saturation: gray
-    torch.testing.assert_close(_hsv_to_rgb(hsv), _table_hsv_to_rgb(hsv), rtol=0, atol=2e-6)
+    torch.testing.assert_close(hsv_to_rgb(hsv), _table_hsv_to_rgb(hsv), rtol=0, atol=2e-6)
 
 
 def test_hsv_round_trip() -> None:
     rgb = torch.rand(3, 3, 8, 8)
-    torch.testing.assert_close(_hsv_to_rgb(_rgb_to_hsv(rgb)), rgb, rtol=0, atol=2e-6)
+    torch.testing.assert_close(hsv_to_rgb(rgb_to_hsv(rgb)), rgb, rtol=0, atol=2e-6)
 
 
 def _tiny_cfg(**overrides):

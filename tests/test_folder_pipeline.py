@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data import file_index, tensor_aug
+from dino.data.crop_draws import ViewSpec
 from dino.data.datasets import (
     IMAGE_EXTENSIONS,
     BadImage,
@@ -39,7 +40,7 @@ from dino.data.datasets import (
 )
 from dino.data.file_crops import CropFiles, FileCrops
 from dino.data.file_index import FileList, cache_path, index_folder
-from dino.data.tensor_aug import TensorMultiCrop, ViewSpec
+from dino.data.tensor_aug import TensorMultiCrop
 from dino.errors import DinoError
 from dino.training.batches import Batches
 from dino.training.distributed import Dist
@@ -577,7 +578,7 @@ def test_a_process_that_leaves_workers_running_still_exits(tmp_path) -> None:
     write_photos(root, 8, (40, 30))
     script = f"""
 import torch
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data.datasets import open_training_data
 from dino.training.batches import Batches
 from dino.training.distributed import Dist

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.errors import DinoError
 from dino.models.backbones import build_backbone, vit
 from dino.models.head import DINOHead

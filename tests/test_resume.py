@@ -29,7 +29,7 @@ from helpers.faults import install_stop_before_step
 from PIL import Image
 
 from dino.cli import main
-from dino.data.datasets import FASHION_MNIST_DIRS
+from dino.data.fashion_mnist import FASHION_MNIST_DIRS
 from dino.errors import DinoError
 from dino.training.checkpoint import (
     LATEST,

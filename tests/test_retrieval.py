@@ -16,19 +16,18 @@ from helpers.photos import GREYS, PHOTOS, crop, jpeg, photo
 from PIL import Image, ImageEnhance
 
 from dino.errors import DinoError
-from dino.eval.retrieval import (
-    PROTOCOLS,
-    SCALES,
+from dino.eval.global_features import SCALES, global_feature
+from dino.eval.ranking import (
     QueryTruth,
     average_precision,
-    global_feature,
-    image_retrieval,
     positive_ranks,
     precision_at_k,
     rank_chunks,
     revisitop_precision_at_k,
     score_rankings,
 )
+from dino.eval.retrieval import image_retrieval
+from dino.eval.revisitop import PROTOCOLS
 
 pytest.importorskip("skimage.data")
 

@@ -25,9 +25,10 @@ from PIL import Image
 from test_resume import TINY, write_images
 
 from dino.cli import main
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.data.check import check_folder
-from dino.data.datasets import FASHION_MNIST_DIRS, BadImage, load_image
+from dino.data.datasets import BadImage, load_image
+from dino.data.fashion_mnist import FASHION_MNIST_DIRS
 from dino.training.checkpoint import LATEST, load_checkpoint
 from dino.training.monitor import CollapseMonitor
 from dino.training.step import train_step

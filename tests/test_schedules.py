@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.training.schedules import Schedules, cosine_schedule, linear_warmup_then_constant
 
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from dino.errors import DinoError
+from dino.eval.attention import attention_masks
 from dino.eval.segmentation import (
     centre_prior,
     jaccard,
@@ -21,7 +22,6 @@ from dino.eval.segmentation import (
     upsample_grid,
 )
 from dino.models.backbones import build_backbone
-from dino.viz.attention import attention_masks
 from dino.viz.pca import foreground_picture, pca_picture
 from dino.viz.segmentation import save_segmentation, segmentation_sheet
 

@@ -11,7 +11,7 @@ import pytest
 from helpers.shapes import write_shapes
 
 from dino.cli import main
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.eval.api import knn_eval
 from dino.models.weights import load_backbone
 from dino.training.schedules import MIN_LEARNING_STEPS, stretch_to_min_steps

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dino.config import load_config
-from dino.data.datasets import FASHION_MNIST_DIRS
+from dino.config_load import load_config
+from dino.data.fashion_mnist import FASHION_MNIST_DIRS
 from dino.training.step import train_step
 from dino.training.trainer import Trainer
 

@@ -14,18 +14,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from dino.data import tensor_aug
+from dino.data.crop_draws import ViewSpec, crop_boxes, resize_weights
+from dino.data.photometric import adjust_hue, adjust_hue_, blur_, blur_kernels, blur_radii
 from dino.data.seeding import sample_keys, uniforms
-from dino.data.tensor_aug import (
-    TensorMultiCrop,
-    ViewSpec,
-    _adjust_hue,
-    _adjust_hue_,
-    _blur_,
-    _blur_kernels,
-    _blur_radii,
-    crop_boxes,
-    resize_weights,
-)
+from dino.data.tensor_aug import TensorMultiCrop
 
 BICUBIC = InterpolationMode.BICUBIC
 MEAN = (0.485, 0.456, 0.406)
@@ -157,10 +149,10 @@ def test_hue_in_place_matches_the_hsv_round_trip() -> None:
     x[3, :, :2] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)  # pure red (hue at the seam)
     x[4] = (x[4] * 255).round() / 255  # values on the uint8 grid
     shift = torch.tensor([0.5, -0.5, 0.1, -0.1, 0.0, 0.3333])
-    ref = _adjust_hue(x, shift) * 255
+    ref = adjust_hue(x, shift) * 255
     ours = x * 255
     bufs = [torch.empty(6, 17, 19) for _ in range(6)]
-    _adjust_hue_(ours, shift, bufs)
+    adjust_hue_(ours, shift, bufs)
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=0)  # pixel units (0..255)
 
 
@@ -171,7 +163,7 @@ def test_blur_matches_torchvision_gaussian_blur(size: int, kernel: int) -> None:
     sigma = np.array([0.1, 0.7, 1.3, 2.0])
     radius = (kernel - 1) // 2
     ours = x.clone()
-    _blur_(ours, rows, sigma, radius)
+    blur_(ours, rows, sigma, radius)
     for i in range(7):
         if i in rows:
             s = float(sigma[list(rows).index(i)])
@@ -185,13 +177,13 @@ def test_shorter_blur_kernels_leave_out_only_negligible_taps() -> None:
     """Each row's kernel is cut to the taps that matter: the small sigmas' are short (sigma 0.1:
     one tap, the identity), and the taps left out weigh less than 1e-6 of the recipe's kernel."""
     sigma = np.linspace(0.1, 2.0, 39)
-    radii = _blur_radii(sigma, 6)
+    radii = blur_radii(sigma, 6)
     assert radii[0] == 0 and radii[-1] == 6 and np.all(np.diff(radii) >= 0)
     assert (2 * radii + 1).mean() < 10  # of 13 taps
-    full = _blur_kernels(sigma, 6)
+    full = blur_kernels(sigma, 6)
     for s, r, k in zip(sigma, radii, full, strict=True):
         short = np.zeros(13, np.float32)
-        short[6 - r : 7 + r] = _blur_kernels(np.array([s]), int(r))[0]
+        short[6 - r : 7 + r] = blur_kernels(np.array([s]), int(r))[0]
         assert np.abs(short - k).sum() < 1e-6
 
 

@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from dino.config import load_config
-from dino.data.datasets import FASHION_MNIST_DIRS
+from dino.config_load import load_config
+from dino.data.fashion_mnist import FASHION_MNIST_DIRS
 from dino.training import Trainer
 
 pytestmark = pytest.mark.skipif(

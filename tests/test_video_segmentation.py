@@ -16,22 +16,18 @@ import torch.nn.functional as F
 from helpers.commands import RANDOM_PICO, one_error_line, run_cli
 from PIL import Image
 
-from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
+from dino.eval.davis_io import Video, davis_palette, read_mask, write_indexed_png
 from dino.eval.davis_scores import boundary_f, boundary_map, jaccard, summarize
-from dino.eval.video_segmentation import (
+from dino.eval.label_propagation import (
     LabelPropagation,
     TrackSettings,
-    Video,
-    davis_palette,
     labels_to_ids,
     propagate,
-    read_mask,
-    track_video,
-    video_segmentation,
     working_size,
-    write_indexed_png,
 )
+from dino.eval.video_segmentation import track_video, video_segmentation
+from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 RED, BLUE = (220, 30, 30), (30, 60, 230)
 

@@ -12,13 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from dino.config import load_config
+from dino.config_load import load_config
 from dino.errors import DinoError
+from dino.eval.attention import cls_attention
+from dino.models.arch_detect import detect_arch
 from dino.models.backbones import build_backbone, vit
 from dino.models.head import DINOHead
 from dino.models.multicrop import MultiCropNet
-from dino.models.weights import REFERENCE_MODELS, detect_arch, load_backbone
-from dino.viz.attention import cls_attention
+from dino.models.weight_files import REFERENCE_MODELS
+from dino.models.weights import load_backbone
 
 torch.set_num_threads(1)
 TOL = 1e-4
@@ -126,6 +128,27 @@ def test_resnet50_reference_state_dict(tmp_path) -> None:
             assert loaded.weights_info.arch == "tv:resnet50"
             assert loaded.embed_dim == 2048
             assert max_diff(loaded(x), want) <= TOL
+        # the reference's --arch resnet50 names the same network: its keys load the same way
+        by_name = load_backbone(tmp_path / "dino_resnet50_pretrain.pth", arch="resnet50")
+        assert by_name.weights_info.arch == "tv:resnet50"
+        assert max_diff(by_name(x), want) <= TOL
+
+
+def test_reference_resnet_names_build_torchvision_and_other_names_timm() -> None:
+    """``--arch resnet50`` is torchvision's ResNet-50 as in the reference code: its residual
+    blocks' last BN starts at gamma = 1 (timm's ResNets start it at 0); other timm names stay
+    timm's."""
+    import timm
+    import torchvision
+
+    net = build_backbone("resnet50")
+    assert isinstance(net.net, torchvision.models.ResNet) and net.embed_dim == 2048
+    gammas = [b.bn3.weight for layer in (net.net.layer1, net.net.layer4) for b in layer]
+    assert all(bool((g == 1).all()) for g in gammas)
+    timm_net = timm.create_model("resnet50", num_classes=0)
+    assert bool((timm_net.layer1[0].bn3.weight == 0).all())  # what --arch resnet50 used to give
+    other = build_backbone("resnet10t")
+    assert isinstance(other, timm.models.ResNet) and not hasattr(other, "net")
 
 
 def make_run(root, arch: str = "vit_pico", patch: int = 4, depth: int = 2, size: int = 32):
@@ -309,3 +332,20 @@ def test_classifier_layers_are_dropped_and_convnet_runs_load(tmp_path) -> None:
         loaded = load_backbone(run)
         assert loaded.weights_info.arch == "tv:resnet18"
         assert max_diff(loaded(x), net(x)) <= TOL
+
+
+def test_init_resamples_positions_as_the_network_does(tmp_path) -> None:
+    """``--init`` from weights trained at another image size resamples the positional embedding
+    with the rule the ViT itself applies to other input sizes (the reference's), so the started
+    network computes what the source network computes on inputs of the new size."""
+    from dino.models.weights import init_backbone
+
+    torch.manual_seed(0)
+    source = perturbed(vit("vit_pico", 8, 64, 2), 1).eval()
+    torch.save(source.state_dict(), tmp_path / "source.pth")
+    target = vit("vit_pico", 8, 32, 2).eval()
+    init_backbone(target, str(tmp_path / "source.pth"), "vit_pico", 8)
+    assert target.pos_embed.shape == (1, 1 + 4 * 4, 96)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(target(x), source(x)) <= TOL

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dino.config import Config, load_config
+from dino.config import Config
+from dino.config_load import load_config
 from dino.errors import DinoError
 
 if TYPE_CHECKING:

@@ -4,14 +4,15 @@ The dataclass defaults are the reference code's recipe (ViT-S/16 on ImageNet-siz
 docs/recipe.md). Presets in ``dino/presets/*.yaml`` override some of them; ``fashion-mnist`` is the
 built-in CPU run. Every leaf field has a unique name, which is also its command-line flag
 (``patch_size`` -> ``--patch-size``) and its help text is the field's ``help`` metadata.
+
+This module holds the schema only; :mod:`dino.config_load` reads YAML and overrides into it,
+:mod:`dino.config_checks` checks it, :mod:`dino.value_checks` declares and checks valid values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,95 +20,15 @@ from typing import Any
 
 import yaml
 
-from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
-from dino.errors import DinoError
+from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from dino.value_checks import setting
 
-PRESET_DIR = Path(__file__).parent / "presets"
-
-
-@dataclass(frozen=True)
-class Interval:
-    """The valid values of a number, written as in mathematics: ``"[0, 1]"``, ``"(0, inf)"``."""
-
-    lo: float
-    hi: float
-    lo_open: bool
-    hi_open: bool
-
-    @classmethod
-    def parse(cls, text: str) -> Interval:
-        m = re.fullmatch(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*", text)
-        if m is None:
-            raise ValueError(f"not an interval: {text!r}")
-        return cls(float(m[2]), float(m[3]), m[1] == "(", m[4] == ")")
-
-    def __contains__(self, x: float) -> bool:
-        above = x > self.lo if self.lo_open else x >= self.lo
-        below = x < self.hi if self.hi_open else x <= self.hi
-        return above and below
-
-    def __str__(self) -> str:
-        def num(v: float) -> str:
-            return str(int(v)) if float(v).is_integer() else str(v)
-
-        if math.isinf(self.hi):
-            return f"greater than {num(self.lo)}" if self.lo_open else f"at least {num(self.lo)}"
-        return (
-            f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}"
-            f"{')' if self.hi_open else ']'}"
-        )
-
-
-#: What ``--resume`` does with a field given a new value (see :func:`_f`).
-ON_RESUME = ("free", "change", "fixed")
-
-
-def _valid_spec(
-    range: str | None = None,
-    length: int | tuple[int, float] | None = None,
-    increasing: bool = False,
-    choices: tuple[str, ...] | None = None,
-) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
-    if range is not None:
-        spec["range"] = Interval.parse(range)
-    if length is not None:
-        spec["length"] = (length, length) if isinstance(length, int) else length
-    if increasing:
-        spec["increasing"] = True
-    if choices is not None:
-        spec["choices"] = choices
-    return spec
-
-
-def _f(
-    default: Any,
-    help: str,
-    *,
-    range: str | None = None,
-    length: int | tuple[int, float] | None = None,
-    increasing: bool = False,
-    choices: tuple[str, ...] | None = None,
-    on_resume: str = "change",
-) -> Any:
-    """A config field: its default, its help text (also the flag's) and its valid values, all
-    checked by :func:`validate`.
-
-    ``range``: the interval of a number, or of each number of a list (``"[0, 1]"``,
-    ``"(0, inf)"``); ``length``: the number of values of a list, or its ``(min, max)``;
-    ``increasing``: a list's values must not decrease (a min-max pair); ``choices``: a string's
-    allowed values (``"cuda:N"`` stands for any ``cuda:<number>``).
-
-    ``on_resume`` says what ``dino train --resume`` does with a new value (:data:`ON_RESUME`):
-    ``"free"``: how the run is executed, saved or logged, changed in place; ``"change"``: what
-    the run computes, only into a new run folder; ``"fixed"``: the checkpoint's shapes and
-    state depend on it, never changed.
-    """
-    assert on_resume in ON_RESUME, on_resume
-    meta = {"help": help, "on_resume": on_resume, **_valid_spec(range, length, increasing, choices)}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+#: The weighted k-NN protocol's k values and vote temperature (the reference's): the defaults of
+#: the training run's k-NN, of ``dino knn`` and of :func:`dino.eval.neighbors.weighted_knn`.
+KNN_KS = (10, 20, 100, 200)
+KNN_TEMPERATURE = 0.07
+#: Declares a field: default, help text and valid values (the name keeps the schema short).
+_f = setting
 
 
 @dataclass
@@ -115,8 +36,9 @@ class ModelConfig:
     arch: str = _f(
         "vit_small",
         "backbone: vit_pico, vit_nano (96 and 128 wide, for small images), vit_tiny, vit_small, "
-        "vit_base (with --patch-size), any timm model name, or tv:<torchvision model>. Larger "
-        "ViTs learn better features but cost more per step.",
+        "vit_base (with --patch-size), any timm model name, or tv:<torchvision model> (resnet50 "
+        "and the reference's other ResNet names are torchvision's, as there). Larger ViTs learn "
+        "better features but cost more per step.",
         on_resume="fixed",
     )
     patch_size: int = _f(
@@ -166,7 +88,9 @@ class ModelConfig:
         on_resume="fixed",
     )
     use_bn_in_head: bool = _f(
-        False, "BatchNorm in the head's hidden layers (on for convnets).", on_resume="fixed"
+        False,
+        "BatchNorm in the head's hidden layers (off in the reference, for convnets too).",
+        on_resume="fixed",
     )
     init: str = _f(
         "",
@@ -411,12 +335,14 @@ class RunConfig:
         on_resume="free",
     )
     knn_k: list[int] = _f(
-        [10, 20, 100, 200],
+        list(KNN_KS),
         "k values of the weighted k-NN evaluation.",
         range="[1, inf)",
         length=(1, math.inf),
     )
-    knn_temp: float = _f(0.07, "temperature of the weighted k-NN votes.", range="(0, inf)")
+    knn_temp: float = _f(
+        KNN_TEMPERATURE, "temperature of the weighted k-NN votes.", range="(0, inf)"
+    )
     log_every: int = _f(
         10, "iterations between two lines of metrics.jsonl.", range="[1, inf)", on_resume="free"
     )
@@ -483,242 +409,3 @@ def leaf_fields() -> dict[str, tuple[str, dataclasses.Field, Any]]:
             assert f.name not in out, f"duplicate config field {f.name}"
             out[f.name] = (section.name, f, hints[f.name])
     return out
-
-
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def _coerce(name: str, value: Any, typ: Any) -> Any:
-    origin = typing.get_origin(typ)
-    what = _TYPE_NAMES.get(typ, str(typ))
-    try:
-        if value is None:
-            raise DinoError(f"config field {name!r} has no value; give it one or leave it out")
-        if origin is list:
-            (inner,) = typing.get_args(typ)
-            if isinstance(value, str):
-                value = value.replace(",", " ").split()
-            if not isinstance(value, (list, tuple)):
-                value = [value]
-            return [_coerce(name, v, inner) for v in value]
-        if isinstance(value, (list, tuple, dict)):
-            raise ValueError(value)
-        if typ is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            if value not in (0, 1):
-                raise ValueError(value)
-            return bool(value)
-        if typ in (int, float) and isinstance(value, bool):
-            raise ValueError(value)
-        if typ is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return typ(value)
-    except (TypeError, ValueError, OverflowError):
-        if origin is list:
-            what = f"a list of {_TYPE_NAMES.get(typing.get_args(typ)[0], 'values')[2:]}s"
-        raise DinoError(f"config field {name!r} expects {what}, got {value!r}") from None
-
-
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """Set fields from a flat ``{leaf_name: value}`` or nested ``{section: {leaf: value}}`` dict."""
-    leaves = leaf_fields()
-    for key, value in overrides.items():
-        if key in SECTIONS and isinstance(value, dict):
-            apply_overrides(cfg, value)
-            continue
-        key = key.replace("-", "_")
-        if key not in leaves:
-            raise DinoError(f"unknown config field {key!r}; see `dino train --help` for the fields")
-        section, f, typ = leaves[key]
-        setattr(getattr(cfg, section), key, _coerce(key, value, typ))
-    return cfg
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def load_yaml(name_or_path: str) -> dict[str, Any]:
-    """Read a preset by name or a YAML file by path."""
-    path = Path(name_or_path)
-    if not path.exists():
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        raise DinoError(
-            f"no config file or preset named {name_or_path!r}; presets: {', '.join(list_presets())}"
-        )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise DinoError(f"{path} is not valid YAML ({where}{problem}); fix the file") from None
-    if not isinstance(data, dict):
-        raise DinoError(f"{path} must hold a mapping of config fields")
-    return data
-
-
-#: The preset of ``dino train`` with no --config: the built-in run on the built-in data, the
-#: reference recipe (``default``) on a folder.
-BUILTIN_PRESET = "fashion-mnist"
-
-
-def default_preset(data: str) -> str:
-    """The preset ``dino train`` uses when no --config is given, for ``--data data``."""
-    if data == "fashion-mnist-scenes":  # the built-in scenes: their own preset
-        return data
-    return BUILTIN_PRESET if data == "fashion-mnist" else "default"
-
-
-def run_folder(resume: str | Path) -> Path:
-    """The run folder that ``--resume`` names (the folder itself, or one of its checkpoints)."""
-    run_dir = Path(resume)
-    if run_dir.is_file():
-        run_dir = run_dir.parent
-    if not (run_dir / "config.yaml").exists():
-        raise DinoError(
-            f"{resume} is not a run folder (no config.yaml); pass the folder that `dino train` "
-            "wrote"
-        )
-    return run_dir
-
-
-def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then a preset or YAML file (which may name a ``base`` preset), then overrides."""
-    cfg = Config()
-    if name_or_path:
-        data = load_yaml(name_or_path)
-        chain = [data]
-        while "base" in chain[-1]:
-            chain.append(load_yaml(chain[-1]["base"]))
-        for layer in reversed(chain):
-            apply_overrides(cfg, {k: v for k, v in layer.items() if k != "base"})
-    if overrides:
-        apply_overrides(cfg, overrides)
-    validate(cfg)
-    return cfg
-
-
-def resume_changes(saved: Config, new: Config) -> dict[str, tuple[str, Any, Any]]:
-    """The fields whose values differ between a run's config ``saved`` and ``new``:
-    ``name -> (on_resume kind, saved value, new value)``."""
-    out = {}
-    for name, (section, f, _typ) in leaf_fields().items():
-        a, b = getattr(getattr(saved, section), name), getattr(getattr(new, section), name)
-        if a != b:
-            out[name] = (f.metadata.get("on_resume", "change"), a, b)
-    return out
-
-
-def valid_values(name: str) -> str:
-    """The valid values of config field ``name`` in words (for help texts), or ``""``."""
-    meta = leaf_fields()[name][1].metadata
-    parts = []
-    if "length" in meta:
-        lo, hi = meta["length"]
-        parts.append(f"{lo} values" if lo == hi else f"at least {lo} value{'s' * (lo != 1)}")
-    if "range" in meta:
-        parts.append(("each " if "length" in meta else "") + str(meta["range"]))
-    if meta.get("increasing"):
-        parts.append("min <= max")
-    if "choices" in meta:
-        parts.append("one of " + ", ".join(meta["choices"]))
-    return "; ".join(parts)
-
-
-def check_value(
-    name: str,
-    value: Any,
-    range: str | None = None,
-    *,
-    length: int | tuple[int, float] | None = None,
-    increasing: bool = False,
-    choices: tuple[str, ...] | None = None,
-) -> None:
-    """Raise a :class:`DinoError` naming ``name`` (a field or a flag such as ``--k``), ``value``
-    and the valid values when ``value`` is not one of them; the arguments are those of a config
-    field's declaration (:func:`_f`). For the evaluation commands' flags and functions."""
-    _check_field(name, value, _valid_spec(range, length, increasing, choices))
-
-
-def _check_field(name: str, value: Any, meta: Any) -> None:
-    """Raise a :class:`DinoError` naming ``name``, ``value`` and the valid values if ``value``
-    breaks the field's declared range, length or choices."""
-    what = name
-    values = value if isinstance(value, list) else [value]
-    if "length" in meta:
-        lo, hi = meta["length"]
-        if not lo <= len(value) <= hi:
-            need = f"{lo} values" if lo == hi else f"at least {lo} value{'s' * (lo != 1)}"
-            raise DinoError(f"{what} needs {need}, got {len(value)}: {value}")
-    for v in values:
-        if isinstance(v, float) and not math.isfinite(v):
-            raise DinoError(f"{what} must be a finite number, got {value}")
-    rng = meta.get("range")
-    if rng is not None and any(v not in rng for v in values):
-        each = " values must each" if isinstance(value, list) else " must"
-        raise DinoError(f"{what}{each} be {rng}, got {value}")
-    if meta.get("increasing") and any(a > b for a, b in itertools.pairwise(values)):
-        raise DinoError(f"{what} is a min max pair and needs min <= max, got {value}")
-    choices = meta.get("choices")
-    if choices is not None:
-        allowed = any(
-            value == c or (c.endswith(":N") and re.fullmatch(re.escape(c[:-1]) + r"\d+", value))
-            for c in choices
-        )
-        if not allowed:
-            raise DinoError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
-
-
-def validate(cfg: Config) -> None:
-    """Reject impossible configurations with one clear sentence: first each field against its
-    declared valid values (``range``, ``length``, ``choices`` of :func:`_f`), then the fields
-    that depend on each other."""
-    for name, (section, f, _typ) in leaf_fields().items():
-        _check_field(name, getattr(getattr(cfg, section), name), f.metadata)
-    m, d, o = cfg.model, cfg.data, cfg.optim
-    for name in ("arch", "data"):
-        if not str(getattr(m if name == "arch" else d, name)).strip():
-            raise DinoError(f"{name} (--{name}) is empty; name a backbone or a data folder")
-    if m.arch.startswith("vit_") and m.arch.count("_") == 1:
-        for name, size in (("global_size", d.global_size), ("local_size", d.local_size)):
-            if size % m.patch_size:
-                raise DinoError(
-                    f"{name}={size} is not divisible by patch_size={m.patch_size}; "
-                    "choose crop sizes that are multiples of the patch size"
-                )
-    if d.eval_crop > d.eval_resize:
-        raise DinoError(
-            f"eval_crop={d.eval_crop} is larger than eval_resize={d.eval_resize}; the center "
-            "crop must fit in the resized image: raise --eval-resize or lower --eval-crop"
-        )
-    for name, value in (
-        ("warmup_epochs", o.warmup_epochs),
-        ("warmup_teacher_temp_epochs", cfg.loss.warmup_teacher_temp_epochs),
-        ("freeze_last_layer", o.freeze_last_layer),
-    ):
-        if value > o.epochs:
-            raise DinoError(
-                f"{name}={value} is longer than the run (epochs={o.epochs}); "
-                f"lower --{name.replace('_', '-')} or raise --epochs"
-            )
-    our_vit = m.arch.startswith("vit_") and m.arch.count("_") == 1
-    for name, value in (("registers", m.registers), ("ibot_weight", cfg.loss.ibot_weight)):
-        if value and not our_vit:
-            raise DinoError(
-                f"{name}={value} needs one of our ViTs (vit_pico ... vit_base), not "
-                f"arch={m.arch}; choose one or set --{name.replace('_', '-')} 0"
-            )
-    if cfg.loss.ibot_weight and m.use_bn_in_head:
-        raise DinoError(
-            "ibot_weight needs a head without BatchNorm (the patch tokens would enter its "
-            "statistics); set --use-bn-in-head false or --ibot-weight 0"
-        )
-    if m.init.startswith("timm:") and not m.init[5:]:
-        raise DinoError("init timm: needs a model name, e.g. timm:vit_small_patch16_224")

@@ -18,9 +18,8 @@ Find the original of each copy by the cosine similarity of [CLS] + GeM-pooled (p
 tokens of a frozen ViT, after PCA whitening, the paper's Copydays protocol (replaces the
 reference's eval_copy_detection.py).
 
-Images are resized to --imsize x --imsize. The whitening is learned on --whitening (default: the
---distractors images; --no-whitening skips it); the distractors join the originals in the
-database.
+Images are resized to --imsize x --imsize. The whitening is learned on --whitening (default: no
+whitening, as the reference); the distractors join the originals in the database.
 
 Either
   --data DIR     Copydays: DIR/original/*.jpg and the query blocks DIR/strong/,
@@ -57,10 +56,14 @@ def register(sub: Any) -> None:
         "--whitening",
         default=None,
         metavar="DIR",
-        help="images to learn the whitening on (default: --distractors; the paper: 20k other "
-        "YFCC100M images)",
+        help="images to learn the whitening on (default: no whitening; the paper: 20k other "
+        "YFCC100M images than its distractors)",
     )
-    g.add_argument("--no-whitening", action="store_true", help="compare the descriptors unwhitened")
+    g.add_argument(
+        "--no-whitening",
+        action="store_true",
+        help="compare the descriptors unwhitened (the default without --whitening)",
+    )
     g.add_argument(
         "--matches",
         default=None,
@@ -84,7 +87,11 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dino.errors import DinoError
     from dino.eval.copy_detection import copy_detection
+
+    if args.whitening is not None and args.no_whitening:
+        raise DinoError("--whitening and --no-whitening contradict each other; drop one")
 
     res = copy_detection(
         lambda: load_weights(args),
@@ -92,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
         originals=args.originals,
         copies=args.copies,
         distractors=args.distractors,
-        whitening=args.whitening,
-        learn_whitening=not args.no_whitening,
+        whitening=None if args.no_whitening else args.whitening,
         imsize=args.imsize,
         matches_csv=args.matches,
         json_out=args.json,
@@ -102,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
     )
     white = (
-        f"whitening of {res['whitening_dims']} dims from {res['whitening_images']} images"
+        f"whitening of {res['whitening_dims']} dims from {res['whitening_images']} images of "
+        f"{res['whitening_learned_on']}"
         if res["whitening_dims"]
         else "no whitening"
     )

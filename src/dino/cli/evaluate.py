@@ -14,6 +14,7 @@ from dino.cli.flags import (
     load_weights,
     write_json,
 )
+from dino.config import KNN_KS, KNN_TEMPERATURE
 
 
 def register(sub: Any) -> None:
@@ -58,15 +59,16 @@ def register(sub: Any) -> None:
         "--k",
         type=int,
         nargs="+",
-        default=[10, 20, 100, 200],
-        help="numbers of neighbours to report (default: 10 20 100 200; 20 is the "
-        "paper's headline number)",
+        default=list(KNN_KS),
+        help=f"numbers of neighbours to report (default: {' '.join(map(str, KNN_KS))}; 20 is "
+        "the paper's headline number)",
     )
     k.add_argument(
         "--temperature",
         type=float,
-        default=0.07,
-        help="T of the vote weights exp(sim / T) (default 0.07); higher flattens votes",
+        default=KNN_TEMPERATURE,
+        help=f"T of the vote weights exp(sim / T) (default {KNN_TEMPERATURE}); higher flattens "
+        "votes",
     )
     add_subset_flag(k)
     k.add_argument("--output", default=None, metavar="JSON", help="also write the results here")

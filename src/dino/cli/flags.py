@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dino.config import check_value, leaf_fields
+from dino.config import leaf_fields
 from dino.errors import DinoError
+from dino.value_checks import check_value
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -202,7 +203,8 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 def load_weights(args: argparse.Namespace) -> Any:
     """The frozen backbone the weights flags name."""
     from dino.devices import resolve_device
-    from dino.models.weights import RANDOM, load_backbone
+    from dino.models.weight_files import RANDOM
+    from dino.models.weights import load_backbone
 
     if args.like and args.weights != RANDOM:
         raise DinoError("--like only applies to --weights random; drop it")
@@ -233,9 +235,9 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 #: The valid values of the commands' flags by argparse ``dest`` (the arguments of
-#: :func:`dino.config.check_value`), checked by :func:`check_flags` before a command loads
+#: :func:`dino.value_checks.check_value`), checked by :func:`check_flags` before a command loads
 #: anything; ``COMMAND_FLAG_VALUES`` holds a command's exceptions. The config fields of
-#: ``dino train`` are checked by :func:`dino.config.validate` instead.
+#: ``dino train`` are checked by :func:`dino.config_checks.validate` instead.
 IMAGE_SIDES = "[1, 8192]"
 FLAG_VALUES: dict[str, dict[str, Any]] = {
     "patch_size": {"range": "[1, inf)"},

@@ -169,21 +169,23 @@ def segment(args: argparse.Namespace) -> int:
     from dino.data.datasets import image_paths
     from dino.devices import resolve_device
     from dino.eval.api import run_config_of
+    from dino.eval.attention import attention_patch_size
     from dino.eval.views import resolve_view
-    from dino.viz.attention import default_image_size, vit_patch_size
+    from dino.viz.attention import default_image_size
 
     _check(args)
     backbone = load_weights(args)
-    vit_patch_size(backbone)  # a convnet stops here, before any work
+    attention_patch_size(backbone)  # a convnet stops here, before any work
     device = resolve_device(args.device)
     run_config = run_config_of(backbone)
-    info = backbone.weights_info
     if args.data == SCENES:
         view = resolve_view(SCENES, run_config, None, None, args.mean, args.std)
         mean, std = list(view.mean), list(view.std)
     else:
-        mean = list(args.mean or info.mean)
-        std = list(args.std or info.std)
+        from dino.models.weights import input_stats
+
+        run_mean, run_std = input_stats(backbone)
+        mean, std = list(args.mean or run_mean), list(args.std or run_std)
     size = args.image_size
     if size is None and args.data != SCENES:
         size = default_image_size(run_config) or None
@@ -198,7 +200,9 @@ def segment(args: argparse.Namespace) -> int:
     elif args.data:
         result = _folder(args, draw, size, n_pictures)
     if result is not None:
-        result.update(threshold=args.threshold, weights=info.source, data=args.data)
+        result.update(
+            threshold=args.threshold, weights=backbone.weights_info.source, data=args.data
+        )
         _print_scores(result, "test scenes" if args.data == SCENES else f"images of {args.data}")
         if args.json:
             _write_json(args.json, result)
@@ -243,13 +247,16 @@ class _Drawer:
         import torch
 
         from dino.data.datasets import BadImage, load_image
-        from dino.viz.attention import prepare_image, vit_patch_size
+        from dino.eval.attention import attention_patch_size
+        from dino.viz.drawing import prepare_image
 
         try:
             img = load_image(path)
         except BadImage as exc:
             raise DinoError(f"cannot read the image {exc}; pass a readable image file") from None
-        _x, picture = prepare_image(img, vit_patch_size(self.backbone), size, self.mean, self.std)
+        _x, picture = prepare_image(
+            img, attention_patch_size(self.backbone), size, self.mean, self.std
+        )
         self.pixels(torch.from_numpy(np.array(picture)).permute(2, 0, 1), name)
 
 
@@ -300,8 +307,8 @@ def _folder(
     """Score (with --masks) and draw the images of the folder ``--data`` with the network,
     normalization and device of ``draw``."""
     from dino.data.datasets import image_paths
+    from dino.eval.attention import attention_patch_size
     from dino.eval.segmentation import folder_pairs, score_folder
-    from dino.viz.attention import vit_patch_size
 
     result = None
     if args.masks:
@@ -317,7 +324,7 @@ def _folder(
                 args.threshold,
             )
         if n_pictures:
-            pairs = folder_pairs(args.data, args.masks, vit_patch_size(draw.backbone), size)
+            pairs = folder_pairs(args.data, args.masks, attention_patch_size(draw.backbone), size)
             for path, pix, mask in list(pairs)[:n_pictures]:
                 draw.pixels(pix, Path(path).stem, mask)
     elif n_pictures:
@@ -331,7 +338,8 @@ def attention_video(args: argparse.Namespace) -> int:
 
     from dino.devices import resolve_device
     from dino.eval.api import run_config_of
-    from dino.viz.attention import default_image_size, vit_patch_size
+    from dino.eval.attention import attention_patch_size
+    from dino.viz.attention import default_image_size
     from dino.viz.video import attention_video as write_attention_video
 
     if args.fps is not None and args.fps <= 0:
@@ -341,7 +349,7 @@ def attention_video(args: argparse.Namespace) -> int:
     output = args.video or f"{Path(args.source).stem}-attention.mp4"
     check_output(output, "--output", "file")
     backbone = load_weights(args)
-    vit_patch_size(backbone)  # a convnet stops here, before the video is read
+    attention_patch_size(backbone)  # a convnet stops here, before the video is read
     size = args.size or default_image_size(run_config_of(backbone))
     bars: list[tqdm] = []
 

@@ -103,7 +103,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dino.eval.video_segmentation import TrackSettings, video_segmentation
+    from dino.eval.label_propagation import TrackSettings
+    from dino.eval.video_segmentation import video_segmentation
 
     settings = TrackSettings(args.n_last_frames, args.topk, args.size_mask_neighborhood, args.size)
     res = video_segmentation(

@@ -8,14 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from dino.cli.flags import add_config_flags, config_overrides
-from dino.config import (
-    PRESET_DIR,
-    default_preset,
-    list_presets,
-    load_config,
-    load_yaml,
-    run_folder,
-)
+from dino.config_checks import run_folder
+from dino.config_load import PRESET_DIR, default_preset, list_presets, load_config, load_yaml
 from dino.errors import DinoError
 
 
@@ -75,7 +69,7 @@ def register(sub: Any) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from dino import train as run_training
+    from dino.training import train as run_training
 
     overrides = config_overrides(args)
     if args.resume:

@@ -13,7 +13,6 @@ Two kinds of dataset feed training:
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -27,24 +26,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dino.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
 from dino.data.file_index import FileList, index_folder
+from dino.data.scenes import fashion_mnist_scenes
 from dino.data.seeding import sample_seed
 from dino.devices import launch_env
 from dino.errors import DinoError
 
-FASHION_MNIST_DIRS = [Path("/usr/share/datasets/fashion-mnist")]
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
 BUILTIN = ("fashion-mnist", "fashion-mnist-scenes")
 
 IMAGE_EXTENSIONS = {
@@ -65,37 +53,10 @@ class TensorImages:
         return self.images.shape[0]
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def fashion_mnist(split: str = "train", root: str | Path | None = None) -> TensorImages:
-    """Fashion-MNIST (60k train / 10k test, 28x28 gray) from Debian's ``dataset-fashion-mnist``
-    files when installed, else downloaded once by torchvision into ``root`` (default
-    ``~/.cache/dino``)."""
-    prefix = {"train": "train", "test": "t10k"}[split]
-    for d in FASHION_MNIST_DIRS:
-        img, lab = d / f"{prefix}-images-idx3-ubyte.gz", d / f"{prefix}-labels-idx1-ubyte.gz"
-        if img.exists() and lab.exists():
-            images = torch.from_numpy(_read_idx(img).copy())
-            labels = torch.from_numpy(_read_idx(lab).astype(np.int64))
-            break
-    else:
-        import torchvision
-
-        root = Path(root or Path.home() / ".cache" / "dino")
-        try:
-            ds = torchvision.datasets.FashionMNIST(str(root), train=split == "train", download=True)
-        except Exception as exc:  # no network, no package
-            raise DinoError(
-                "Fashion-MNIST is not installed and could not be downloaded "
-                f"({exc}); install it with `apt-get install dataset-fashion-mnist`"
-            ) from None
-        images, labels = ds.data.clone(), ds.targets.clone()
+    """Fashion-MNIST (60k train / 10k test, 28x28 gray) as a :class:`TensorImages`
+    (:func:`dino.data.fashion_mnist.read_fashion_mnist` says where it comes from)."""
+    images, labels = read_fashion_mnist(split, root)
     return TensorImages(
         images[:, None], labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist/{split}"
     )
@@ -125,8 +86,6 @@ def builtin_split(name: str, split: str, n: int = 0) -> TensorImages:
     """The ``train`` or ``test`` split of a built-in dataset (:data:`BUILTIN`); the scenes are
     generated (only the first ``n`` when ``n > 0``)."""
     if name == "fashion-mnist-scenes":
-        from dino.data.scenes import fashion_mnist_scenes
-
         scenes = fashion_mnist_scenes(split, n)
         return TensorImages(scenes.images, scenes.labels, scenes.classes, scenes.name)
     if name == "fashion-mnist":

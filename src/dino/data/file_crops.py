@@ -10,7 +10,7 @@ half (color jitter, grayscale, blur, solarization, normalization) runs batched o
 device (:meth:`dino.data.tensor_aug.TensorMultiCrop.from_crops`).
 
 The crop boxes and flips come from the same counter-based draws as the in-memory path
-(:func:`dino.data.tensor_aug.view_uniforms`), computed on the image's full size, so a sample's
+(:func:`dino.data.crop_draws.view_uniforms`), computed on the image's full size, so a sample's
 views depend only on (seed, epoch, index), never on the worker or process that makes them.
 """
 
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dino.data.crop_draws import CROP_DRAWS, FLIP_DRAW, ViewSpec, crop_boxes
 from dino.data.datasets import ImageFiles, opened_image, to_rgb
 from dino.data.seeding import sample_keys, uniforms
-from dino.data.tensor_aug import CROP_DRAWS, FLIP_DRAW, ViewSpec, crop_boxes
 
 
 class FileCrops:
@@ -49,7 +49,7 @@ class FileCrops:
 
     def flips(self, epoch: int, index: int) -> np.ndarray:
         """``[len(views)]`` bool: the views of sample ``index`` flipped horizontally (their
-        :data:`~dino.data.tensor_aug.FLIP_DRAW`, as the in-memory path flips them)."""
+        :data:`~dino.data.crop_draws.FLIP_DRAW`, as the in-memory path flips them)."""
         return self._draws(epoch, index, 1, 1)[1]
 
     def _draws(

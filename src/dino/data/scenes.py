@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dino.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
+
 #: Side of a scene in pixels.
 SCENE_SIZE = 64
 #: Side of a source garment image in pixels.
@@ -394,11 +396,8 @@ def make_scenes(
     chunk: int = 256,
 ) -> Scenes:
     """Scenes ``indices`` (default: all, one per Fashion-MNIST image) of ``split``."""
-    from dino.data.datasets import fashion_mnist
-
-    src = fashion_mnist(split)
-    sources = src.images[:, 0]
-    n = len(src)
+    sources, all_labels = read_fashion_mnist(split)
+    n = len(sources)
     idx = list(range(n) if indices is None else indices)
     if any(not 0 <= i < n for i in idx):
         raise ValueError(f"scene indices must be in 0..{n - 1} for the {split} split")
@@ -414,16 +413,15 @@ def make_scenes(
             images[start:end], masks[start:end] = render_scenes(sources, params, size)
     finally:
         torch.set_num_threads(threads)
-    assert src.labels is not None
-    labels = src.labels[torch.tensor(idx, dtype=torch.long)]
-    return Scenes(images, masks, labels, list(src.classes), f"fashion-mnist-scenes/{split}")
+    labels = all_labels[torch.tensor(idx, dtype=torch.long)]
+    return Scenes(
+        images, masks, labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist-scenes/{split}"
+    )
 
 
 @lru_cache(maxsize=2)
 def fashion_mnist_scenes(split: str, n: int = 0) -> Scenes:
     """The scenes of a split of the built-in dataset (seed 0; the first ``n`` when ``n > 0``),
     generated once per process."""
-    from dino.data.datasets import fashion_mnist
-
-    total = len(fashion_mnist(split))
+    total = len(read_fashion_mnist(split)[1])
     return make_scenes(split, range(min(n, total)) if n > 0 else None)

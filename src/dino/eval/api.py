@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dino.config import check_value
 from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, builtin_split, decode_bad
 from dino.devices import resolve_device
 from dino.errors import DinoError
@@ -48,6 +47,7 @@ from dino.eval.views import (
     with_transform,
 )
 from dino.models.weights import load_backbone
+from dino.value_checks import check_value
 
 log = logging.getLogger("dino")
 

@@ -5,7 +5,8 @@ The protocol of the paper (the reference's ``eval_copy_detection.py``):
 * images are resized to ``imsize`` x ``imsize`` (320, bicubic, aspect not kept) and normalized;
 * the descriptor concatenates the [CLS] token and the GeM pooling (exponent 4, tokens clamped at
   1e-6) of the patch tokens of the last block, after the final norm;
-* whitening, when a folder of images to learn it is given: features are centered by the mean of
+* whitening, only when a folder of images to learn it is given (as the reference: never on the
+  database's own distractors): features are centered by the mean of
   that set and projected on the eigenvectors of its second-moment matrix, each scaled by
   ``eigenvalue ** -0.5`` (the reference's PCA whitening, all dimensions kept); eigenvalues below
   1e-5 of the largest are dropped here, rather than floored, so that a small whitening set does
@@ -39,16 +40,11 @@ from PIL import Image
 from torch import nn
 
 from dino.errors import DinoError
+from dino.eval.image_files import data_or_folders, image_batches, normalized_tensor, read_folder
 from dino.eval.outputs import Backbone, refuse_existing, resolve_backbone, write_csv, write_json
 from dino.eval.patch_features import cls_and_patch_tokens, vit_patch_size
-from dino.eval.retrieval import (
-    average_precision,
-    data_or_folders,
-    image_batches,
-    input_stats,
-    normalized_tensor,
-    read_folder,
-)
+from dino.eval.ranking import average_precision
+from dino.models.weights import input_stats
 
 log = logging.getLogger("dino")
 
@@ -246,7 +242,6 @@ def copy_detection(
     copies: str | Path | None = None,
     distractors: str | Path | None = None,
     whitening: str | Path | None = None,
-    learn_whitening: bool = True,
     imsize: int = 320,
     matches_csv: str | Path | None = None,
     json_out: str | Path | None = None,
@@ -262,9 +257,8 @@ def copy_detection(
         data: a Copydays root; or else:
         originals, copies: a folder of originals and one of suspected copies.
         distractors: a folder of other images added to the database.
-        whitening: a folder of images to learn the whitening on (default: ``distractors``; the
-            paper used 20k other images than its 10k distractors).
-        learn_whitening: False: no whitening, even with distractors.
+        whitening: a folder of images to learn the whitening on (default: no whitening; the
+            paper used 20k other images than its 10k distractors). The results record it.
         imsize: images are resized to this square size.
         matches_csv: write each query's best match there (must not exist); the plain case's
             output.
@@ -289,13 +283,7 @@ def copy_detection(
     else:
         db_files, blocks = read_copydays(data)  # type: ignore[arg-type]
     distractor_files = _image_files(distractors, "--distractors")
-    if whitening is not None and not learn_whitening:
-        raise DinoError("--whitening and --no-whitening contradict each other; drop one")
-    whitening_files = (
-        _image_files(whitening, "--whitening") if whitening is not None else distractor_files
-    )
-    if not learn_whitening:
-        whitening_files = []
+    whitening_files = _image_files(whitening, "--whitening")
     dev = resolve_device(device)
     model = resolve_backbone(backbone, dev)
     vit_patch_size(model, "copy detection")
@@ -319,6 +307,8 @@ def copy_detection(
         "scores": "fractions in [0, 1]",
         "n_originals": len(db_files),
         "n_distractors": len(distractor_files),
+        "whitening": "PCA whitening (power 0.5)" if white is not None else "none",
+        "whitening_learned_on": str(whitening) if whitening is not None else None,
         "whitening_images": len(whitening_files),
         "whitening_dims": int(white.projection.shape[0]) if white is not None else None,
         "imsize": imsize,

@@ -78,13 +78,6 @@ def spread_over_seeds(
     return out
 
 
-def format_spread(stats: dict[str, float]) -> str:
-    """``"84.12 ± 0.35"`` (mean ± standard deviation), or the mean alone for one subset."""
-    if stats["std"] == 0.0 and stats["min"] == stats["max"]:
-        return f"{stats['mean']:.2f}"
-    return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
-
-
 def check_label_args(per_class: int, seeds: Sequence[int]) -> list[int]:
     """The label seeds to use; a DinoError for values a user can get wrong."""
     if per_class < 0:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dino.config import KNN_KS, KNN_TEMPERATURE
+
 
 @torch.no_grad()
 def weighted_knn(
@@ -17,8 +19,8 @@ def weighted_knn(
     bank_labels: torch.Tensor,
     query: torch.Tensor,
     query_labels: torch.Tensor,
-    ks: tuple[int, ...] | list[int] = (10, 20, 100, 200),
-    temperature: float = 0.07,
+    ks: tuple[int, ...] | list[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
     num_classes: int | None = None,
     chunk: int = 256,
 ) -> dict[str, dict[str, float]]:

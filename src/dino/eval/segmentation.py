@@ -4,7 +4,7 @@ Per image, three predicted foregrounds, each at the patch grid and upsampled (ne
 pixels of the ground-truth mask:
 
 * **attention**, one mask per head: the [CLS] attention of the last block thresholded to keep
-  60 % of its mass (:func:`dino.viz.attention.attention_masks`, the paper's masks);
+  60 % of its mass (:func:`dino.eval.attention.attention_masks`, the paper's masks);
 * **PCA**: the first principal component of the image's patch features thresholded at zero
   (:func:`pca_foreground`, as popularised by DINOv2);
 * **centre prior**: no network at all, the disc at the image centre with as many pixels as the
@@ -38,7 +38,12 @@ from torch import nn
 
 from dino.data.datasets import IMAGE_EXTENSIONS, BadImage, load_image, scan_folder
 from dino.errors import DinoError
-from dino.viz.attention import attention_masks, cls_attention, vit_patch_size
+from dino.eval.attention import (
+    attention_masks,
+    attention_patch_size,
+    cls_attention,
+    resized_to_patches,
+)
 
 #: Attention mass the paper's masks keep.
 MASS = 0.6
@@ -85,7 +90,7 @@ def centre_prior(area: int | torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 
 def patch_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The last block's patch tokens after the final norm: ``[B, h, w, D]``."""
-    p = vit_patch_size(model)
+    p = attention_patch_size(model)
     b, _, height, width = images.shape
     tokens = model.forward_features(images)
     start = int(getattr(model, "num_prefix_tokens", 1))
@@ -234,7 +239,7 @@ def score_tensors(
             f"{images.shape[0]} images of {tuple(images.shape[-2:])} and {masks.shape[0]} "
             f"masks of {tuple(masks.shape[-2:])}: every image needs a mask of its size"
         )
-    p = vit_patch_size(model)
+    p = attention_patch_size(model)
     h, w = images.shape[-2:]
     if h % p or w % p:
         raise DinoError(f"image size {h}x{w} is not a multiple of the patch size {p}")
@@ -311,19 +316,11 @@ def prepare_pair(
             f"{image.width}x{image.height}; each mask must have its image's size"
         )
     m = Image.fromarray(mask.astype(np.uint8) * 255, "L")
+    size, box = resized_to_patches(image, patch, image_size, name)
     img = image
-    if image_size:
-        scale = image_size / min(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    if size != image.size:
         img = img.resize(size, Image.Resampling.BICUBIC)
         m = m.resize(size, Image.Resampling.NEAREST)
-    w, h = img.size
-    cw, ch = w - w % patch, h - h % patch
-    if cw == 0 or ch == 0:
-        raise DinoError(
-            f"{name} ({w}x{h}) is smaller than one {patch}-pixel patch; pass a larger --image-size"
-        )
-    box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
     pix = torch.from_numpy(np.array(img.crop(box), dtype=np.uint8)).permute(2, 0, 1)
     return pix, torch.from_numpy(np.array(m.crop(box)) > 127)
 
@@ -357,7 +354,7 @@ def score_folder(
 ) -> dict[str, Any]:
     """Jaccard scores of the images of a folder against the masks of ``masks``
     (:func:`folder_pairs`)."""
-    patch = vit_patch_size(model)
+    patch = attention_patch_size(model)
     sums = ScoreSum()
     mean, std = list(mean), list(std)
     for _path, pix, mask in folder_pairs(images, masks, patch, image_size):

@@ -19,10 +19,10 @@ from torchvision.transforms import InterpolationMode, v2
 
 from dino.data import multicrop
 from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, open_training_data
-from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.data.seeding import sample_seed
 from dino.errors import DinoError
 from dino.eval.features import loader_batches, tensor_eval_batches
+from dino.models.weights import config_stats
 
 Data = TensorImages | ImageFiles
 
@@ -56,22 +56,18 @@ def resolve_view(
     """
     run_data = (run_config or {}).get("data") or {}
     if data in BUILTIN:
-        from dino.config import load_config
+        from dino.config_load import load_config
 
         preset = load_config(data).data
         base = EvalView(preset.eval_resize, preset.eval_crop, list(preset.mean), list(preset.std))
         if run_data:
-            base.mean = list(run_data.get("mean", base.mean))
-            base.std = list(run_data.get("std", base.std))
-    elif run_data:
+            base.mean, base.std = (list(v) for v in config_stats(run_config))
+    else:
         base = EvalView(
             int(run_data.get("eval_resize", 256)),
             int(run_data.get("eval_crop", 224)),
-            list(run_data.get("mean", IMAGENET_MEAN)),
-            list(run_data.get("std", IMAGENET_STD)),
+            *(list(v) for v in config_stats(run_config)),
         )
-    else:
-        base = EvalView(256, 224, list(IMAGENET_MEAN), list(IMAGENET_STD))
     view = EvalView(
         resize or base.resize,
         crop or base.crop,

@@ -12,8 +12,11 @@ vector per image ``[B, D]`` and exposes ``embed_dim`` (``D``):
   Transformers Need Registers", Darcet et al. 2024): learned tokens after [CLS] that the blocks
   may use as scratch space, with no positional embedding and in no output (neither the feature
   nor the patch tokens nor the attention maps);
-* any other timm model name (``convnext_tiny``, ``vit_small_patch16_224`` ...), classifier removed;
-* torchvision convnets as ``tv:<name>`` (``tv:resnet50``), classifier replaced by identity.
+* torchvision convnets as ``tv:<name>`` (``tv:resnet50``), classifier replaced by identity; the
+  ResNet names the reference code trains (``resnet50``, ``resnet18`` ...: :func:`canonical_arch`)
+  are torchvision's too, as there (torchvision's initialization: no zero-initialized last BN of
+  the residual blocks, unlike timm's ResNets);
+* any other timm model name (``convnext_tiny``, ``vit_small_patch16_224`` ...), classifier removed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ VIT_SIZES: dict[str, tuple[int, int]] = {
     "vit_small": (384, 6),
     "vit_base": (768, 12),
 }
+
+
+def canonical_arch(arch: str) -> str:
+    """``arch`` as the backbone records it: ``tv:<name>`` for the name of one of torchvision's
+    ResNets (``resnet50``, ``wide_resnet50_2``, ``resnext50_32x4d`` ...), which the reference
+    code's ``--arch`` builds from torchvision; any other name unchanged (``timm:resnet50`` still
+    asks for timm's)."""
+    import torchvision
+
+    resnets = torchvision.models.list_models(include=["resnet*", "resnext*", "wide_resnet*"])
+    return f"tv:{arch}" if arch in resnets else arch
 
 
 def vit(
@@ -117,6 +131,7 @@ def build_backbone(
     registers: int = 0,
 ) -> nn.Module:
     """Build a backbone by name (see the module docstring); its output is ``[B, embed_dim]``."""
+    arch = canonical_arch(arch)
     if arch in VIT_SIZES:
         if img_size % patch_size:
             raise DinoError(

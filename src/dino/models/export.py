@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
+from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.models.backbones import VIT_SIZES
 from dino.models.weights import WeightsInfo, load_backbone
 

@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from dino.atomic_files import save_torch
-from dino.config import Config, load_config, resume_changes
+from dino.config import Config
+from dino.config_checks import resume_changes
+from dino.config_load import load_config
 from dino.errors import DinoError
 from dino.training.checkpoint import (
     LATEST,

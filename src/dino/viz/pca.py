@@ -7,14 +7,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dino.viz.attention import _upsample
+from dino.viz.drawing import upsample
 
 
 def pca_picture(rgb: torch.Tensor | np.ndarray, size: tuple[int, int]) -> Image.Image:
     """The PCA colours ``[h, w, 3]`` (0..1) of a patch grid, upsampled (nearest) to ``size``
     ``(width, height)``."""
     arr = np.asarray(rgb, dtype=np.float64)
-    up = np.stack([_upsample(arr[..., c], size) for c in range(3)], -1)
+    up = np.stack([upsample(arr[..., c], size) for c in range(3)], -1)
     return Image.fromarray(np.clip(np.round(up * 255), 0, 255).astype(np.uint8), "RGB")
 
 
@@ -29,5 +29,5 @@ def foreground_picture(
 
 def mask_picture(mask: torch.Tensor | np.ndarray, size: tuple[int, int]) -> Image.Image:
     """A boolean grid or pixel mask as a white-on-black picture at ``size``."""
-    up = _upsample(np.asarray(mask, dtype=np.float64), size)
+    up = upsample(np.asarray(mask, dtype=np.float64), size)
     return Image.fromarray((up * 255).astype(np.uint8), "L").convert("RGB")

@@ -105,19 +105,36 @@ def _no_data(ax: Any, what: str) -> None:
     ax.set_yticks([])
 
 
+def _line(
+    ax: Any,
+    steps: Sequence[dict[str, Any]],
+    key: str,
+    x: str,
+    color: str,
+    title: str,
+    ylabel: str | None = None,
+    missing: str | None = None,
+    label: str | None = None,
+) -> bool:
+    """Plot ``key`` of the metrics over ``x`` with its axis labels, grid and ``title``, or a note
+    that metrics.jsonl has no ``missing`` (default: ``key``); whether there was data."""
+    xs, ys = _series(steps, key, x)
+    if len(xs):
+        ax.plot(xs, ys, color=color, lw=1.2, label=label)
+        ax.set_xlabel(x)
+        if ylabel:
+            ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    else:
+        _no_data(ax, missing or key)
+    ax.set_title(title)
+    return bool(len(xs))
+
+
 def plot_loss(steps: Sequence[dict[str, Any]], path: Path) -> Path:
     """Training loss over epochs."""
     fig = _figure(1, 1)
-    ax = fig.add_subplot()
-    x, y = _series(steps, "loss", "epoch")
-    if len(x):
-        ax.plot(x, y, color="tab:blue", lw=1.2)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("DINO loss")
-        ax.grid(alpha=0.3)
-    else:
-        _no_data(ax, "loss")
-    ax.set_title("training loss")
+    _line(fig.add_subplot(), steps, "loss", "epoch", "tab:blue", "training loss", "DINO loss")
     fig.savefig(path)
     return path
 
@@ -147,15 +164,7 @@ def plot_schedules(steps: Sequence[dict[str, Any]], path: Path) -> Path:
     """Learning rate, weight decay, teacher momentum and temperature over iterations."""
     fig = _figure(2, 2, width=4.8, height=3.0)
     for i, (key, title) in enumerate(_SCHEDULES):
-        ax = fig.add_subplot(2, 2, i + 1)
-        x, y = _series(steps, key, "iteration")
-        if len(x):
-            ax.plot(x, y, color="tab:green", lw=1.2)
-            ax.set_xlabel("iteration")
-            ax.grid(alpha=0.3)
-        else:
-            _no_data(ax, key)
-        ax.set_title(title)
+        _line(fig.add_subplot(2, 2, i + 1), steps, key, "iteration", "tab:green", title)
     fig.savefig(path)
     return path
 
@@ -164,31 +173,18 @@ def plot_collapse(steps: Sequence[dict[str, Any]], out_dim: int | None, path: Pa
     """Teacher entropy (and log K) and teacher-student KL over iterations."""
     fig = _figure(1, 2, width=4.8)
     ax = fig.add_subplot(1, 2, 1)
-    x, y = _series(steps, "teacher_entropy", "iteration")
-    if len(x):
-        ax.plot(x, y, color="tab:purple", lw=1.2, label="teacher entropy")
+    what = "teacher entropy"
+    if _line(ax, steps, "teacher_entropy", "iteration", "tab:purple", "teacher output entropy",
+             "nats", missing=what, label=what):  # fmt: skip
         bx, by = _series(steps, "batch_entropy", "iteration")
         if len(bx):
             ax.plot(bx, by, color="tab:orange", lw=1.0, label="entropy of the batch mean")
         if out_dim:
             ax.axhline(math.log(out_dim), color="gray", ls="--", lw=1, label="log K (uniform)")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("nats")
         ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    else:
-        _no_data(ax, "teacher entropy")
-    ax.set_title("teacher output entropy")
-    ax = fig.add_subplot(1, 2, 2)
-    x, y = _series(steps, "kl", "iteration")
-    if len(x):
-        ax.plot(x, y, color="tab:red", lw=1.2)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("nats")
-        ax.grid(alpha=0.3)
-    else:
-        _no_data(ax, "KL divergence")
-    ax.set_title("KL(teacher || student)")
+    kl = fig.add_subplot(1, 2, 2)
+    _line(kl, steps, "kl", "iteration", "tab:red", "KL(teacher || student)", "nats",
+          missing="KL divergence")  # fmt: skip
     fig.savefig(path)
     return path
 
@@ -238,19 +234,16 @@ def attention_overviews(
     device: str = "cpu",
 ) -> list[tuple[str, Path]]:
     """One ``attention-<i>.png`` overview per image (a DinoError for non-ViT backbones)."""
-    from dino.viz.attention import (
-        attention_masks,
-        cls_attention,
-        overview,
-        prepare_image,
-        vit_patch_size,
-    )
+    from dino.eval.attention import attention_masks, attention_patch_size, cls_attention
+    from dino.models.weights import input_stats
+    from dino.viz.attention import overview
+    from dino.viz.drawing import prepare_image
 
-    patch = vit_patch_size(backbone)
-    info = backbone.weights_info
+    patch = attention_patch_size(backbone)
+    mean, std = input_stats(backbone)
     written = []
     for i, (caption, img) in enumerate(images):
-        x, picture = prepare_image(img, patch, image_size, info.mean, info.std)
+        x, picture = prepare_image(img, patch, image_size, mean, std)
         att = cls_attention(backbone, x.to(device))[0].float().cpu()
         masks = attention_masks(att, 0.6)
         path = out / f"attention-{i}.png"

@@ -26,7 +26,9 @@ from torch import nn
 
 from dino.data.datasets import BadImage, image_paths, load_image
 from dino.errors import DinoError
-from dino.viz.attention import _upsample, cls_attention, colorize, prepare_image, vit_patch_size
+from dino.eval.attention import attention_patch_size, cls_attention
+from dino.models.weights import input_stats
+from dino.viz.drawing import colorize, prepare_image, upsample
 
 #: Output formats by file extension.
 VIDEO_FORMATS = (".mp4", ".gif")
@@ -132,8 +134,8 @@ def attention_frame(model: nn.Module, picture: Image.Image, x: torch.Tensor) -> 
     att = cls_attention(model, x)[0].float().cpu().numpy()
     size = picture.size
     panels = [np.asarray(picture)]
-    panels.append(colorize(_upsample(att.mean(0), size)))
-    panels += [colorize(_upsample(a, size)) for a in att]
+    panels.append(colorize(upsample(att.mean(0), size)))
+    panels += [colorize(upsample(a, size)) for a in att]
     gap = np.full((size[1], 2, 3), 255, dtype=np.uint8)
     row = []
     for p in panels:
@@ -166,10 +168,9 @@ def attention_video(
         device: where to run the model.
         progress: called with 1 after each frame.
     """
-    patch = vit_patch_size(model)  # a convnet stops here, before anything is read
-    info = getattr(model, "weights_info", None)
-    mean = list(mean or (info.mean if info else (0.485, 0.456, 0.406)))
-    std = list(std or (info.std if info else (0.229, 0.224, 0.225)))
+    patch = attention_patch_size(model)  # a convnet stops here, before anything is read
+    run_mean, run_std = input_stats(model)
+    mean, std = list(mean or run_mean), list(std or run_std)
     out = Path(output)
     if out.suffix.lower() not in VIDEO_FORMATS:
         raise DinoError(f"{out}: unknown video format {out.suffix!r}; name the output .mp4 or .gif")
