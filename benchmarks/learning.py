@@ -58,12 +58,13 @@ def run_case(case: str, work: Path) -> dict[str, Any]:
         raise SystemExit(f"dino {' '.join(args)} failed")
     train_s = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    trained = json.loads((run / "results.json").read_text())["knn"]["20"]["top1"]
+    results = json.loads((run / "results.json").read_text())
+    trained = results["knn"]["20"]["top1"]
     random = load_backbone("random", like=run, seed=0)
     untrained = knn_eval(random, data, ks=[20], device="cpu")["knn"]["20"]["top1"]
     kl = [r["kl"] for r in rows if "kl" in r]
     return {
-        "steps": max(r["iteration"] for r in rows if "loss" in r) + 1,
+        "steps": results["iterations"],
         "train_s": round(train_s, 1),
         "knn_top1_k20_trained": trained,
         "knn_top1_k20_random_init": untrained,
