@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dino.config import default_preset, load_config
+import dino
 from dino.data import scenes
 from dino.data.datasets import fashion_mnist, open_training_data
 from dino.data.scenes import INK, SCENE_SIZE, make_scenes, render_scenes, scene_params
@@ -19,14 +19,13 @@ def test_sources() -> torch.Tensor:
 
 def test_data_name_opens_the_generated_scenes() -> None:
     """``--data fashion-mnist-scenes`` trains on the train split's scenes (also the k-NN bank)
-    and queries k-NN with the test split's, and takes its own preset."""
+    and queries k-NN with the test split's; its preset names it."""
     d = open_training_data("fashion-mnist-scenes", subset=6)
     for got, split in ((d.train, "train"), (d.knn_bank, "train"), (d.knn_query, "test")):
         want = make_scenes(split, range(6))
         assert len(got) == 6 and torch.equal(got.images, want.images)
         assert torch.equal(got.labels, want.labels) and got.classes == want.classes
-    assert default_preset("fashion-mnist-scenes") == "fashion-mnist-scenes"
-    assert load_config(default_preset("fashion-mnist-scenes")).data.data == "fashion-mnist-scenes"
+    assert dino.load_config("fashion-mnist-scenes").data.data == "fashion-mnist-scenes"
 
 
 def test_scenes_are_deterministic_and_batch_independent() -> None:
