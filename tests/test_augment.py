@@ -74,9 +74,113 @@ def test_tensor_views_number_sizes_and_range(channels: int) -> None:
             torch.testing.assert_close(raw[:, 0], raw[:, 2], atol=1e-5, rtol=0)
 
 
-def test_tensor_views_no_local_crops() -> None:
-    views = make_aug(n_local=0)(images(2, 3), np.arange(2), epoch=0, seed=0)
-    assert len(views) == 2
+#: Side of :func:`coordinate_images`: one uint8 value per pixel column and row.
+COORD = 256
+
+
+def coordinate_images(n: int) -> torch.Tensor:
+    """``n`` copies of a ``COORD``-pixel image whose red value is the pixel's column and green
+    value its row: a view of it shows the box it was cropped from."""
+    ramp = torch.arange(COORD, dtype=torch.uint8)
+    img = torch.stack([ramp.expand(COORD, COORD), ramp[:, None].expand(COORD, COORD)])
+    return torch.cat([img, torch.zeros(1, COORD, COORD, dtype=torch.uint8)])[None].repeat(
+        n, 1, 1, 1
+    )
+
+
+def drawn_crops(view: torch.Tensor) -> dict[str, np.ndarray]:
+    """The crop box behind each view of :func:`coordinate_images` (normalized with mean 0 and
+    std 1, no color operation): area as a fraction of the image, aspect ratio, edges and flip.
+
+    Output pixels 2 and ``S - 3`` of a view downscaled by ``f >= 1`` have centers ``2.5 f - 0.5``
+    input pixels inside the box and a bicubic support of ``2 f``: their kernels stay inside the
+    box, so they are the ramp's values there and the box's width is ``S / (S - 5)`` times their
+    difference (within the 1-value rounding to uint8)."""
+    px = view.double() * 255
+    s = view.shape[-1]
+    mid = s // 2
+    dx = px[:, 0, mid, s - 3] - px[:, 0, mid, 2]
+    dy = px[:, 1, s - 3, mid] - px[:, 1, 2, mid]
+    w, h = dx.abs() * s / (s - 5), dy * s / (s - 5)
+    left = torch.minimum(px[:, 0, mid, 2], px[:, 0, mid, s - 3]) - (2.5 * w / s - 0.5)
+    top = px[:, 1, 2, mid] - (2.5 * h / s - 0.5)
+    out = {"area": w * h / COORD**2, "ratio": w / h, "left": left, "top": top}
+    out |= {"right": left + w, "bottom": top + h, "flipped": dx < 0}
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def assert_crops_drawn_from(view: torch.Tensor, size: int, scale: tuple[float, float]) -> None:
+    """The views are ``size``-pixel crops whose areas lie in ``scale`` and cover it, with
+    RandomResizedCrop's ratios, inside the image, mirrored half of the time."""
+    assert view.shape[1:] == (3, size, size)
+    c = drawn_crops(view)
+    lo, hi = scale
+    assert (c["area"] > 0.93 * lo).all() and (c["area"] < 1.07 * hi).all(), c["area"]
+    assert c["area"].min() < lo + 0.15 * (hi - lo) and c["area"].max() > hi - 0.15 * (hi - lo)
+    assert (c["ratio"] > 0.95 * 3 / 4).all() and (c["ratio"] < 1.05 * 4 / 3).all()
+    assert (c["left"] > -1.5).all() and (c["top"] > -1.5).all()
+    assert (c["right"] < COORD + 1.5).all() and (c["bottom"] < COORD + 1.5).all()
+    se = math.sqrt(0.25 / len(view))
+    assert abs(c["flipped"].mean() - 0.5) < 4 * se
+
+
+def no_color_ops(views: list[ViewSpec], blur_sigma=(0.1, 2.0)) -> TensorMultiCrop:
+    return TensorMultiCrop(views, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, blur_sigma, (0.0,) * 3, (1.0,) * 3)
+
+
+@pytest.mark.parametrize("n_local", [0, 3])
+def test_tensor_views_are_crops_drawn_in_their_scale_range(n_local: int) -> None:
+    """Two global views from the global scale range, then the local views from theirs (none
+    when there are no local crops): the boxes measured on the pixels of each view."""
+    specs = [ViewSpec(64, (0.4, 1.0), 0.0, 0.0)] * 2 + [
+        ViewSpec(32, (0.05, 0.4), 0.0, 0.0)
+    ] * n_local
+    n = 128
+    views = no_color_ops(specs)(coordinate_images(n), np.arange(n), epoch=0, seed=0)
+    assert len(views) == 2 + n_local
+    for v, spec in zip(views, specs, strict=True):
+        assert_crops_drawn_from(v, spec.size, spec.scale)
+    # each view draws its own box
+    areas = [drawn_crops(v)["area"] for v in views]
+    assert not np.allclose(areas[0], areas[1], atol=0.02)
+
+
+def checker_images(n: int, size: int = 16) -> torch.Tensor:
+    """Red: a one-pixel checkerboard of 0 and 96 (a blur flattens it; never solarized),
+    green: 200 everywhere (solarized to 55; a blur keeps it), blue: 50."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    red = ((yy + xx) % 2 * 96).to(torch.uint8)
+    img = torch.stack([red, torch.full_like(red, 200), torch.full_like(red, 50)])
+    return img[None].repeat(n, 1, 1, 1)
+
+
+def blurred_and_solarized(view: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per view of :func:`checker_images` (mean 0, std 1): blurred (the checkerboard's contrast
+    below half, away from the borders) and solarized (green inverted)."""
+    px = view.double() * 255
+    inner = px[:, :, 4:-4, 4:-4]
+    blurred = inner[:, 0].std((1, 2)) < 24.0  # 48 unblurred; < 1 after a sigma >= 1 blur
+    solarized = (inner[:, 1] - 55).abs().amax((1, 2)) < 1.0
+    assert ((inner[:, 1] - 200).abs().amax((1, 2)) < 1.0).logical_xor(solarized).all()
+    return blurred.numpy(), solarized.numpy()
+
+
+def assert_probabilities(view: torch.Tensor, blur_p: float, solarize_p: float) -> None:
+    blurred, solarized = blurred_and_solarized(view)
+    for seen, p in ((blurred, blur_p), (solarized, solarize_p)):
+        se = math.sqrt(p * (1 - p) / len(seen))
+        assert abs(seen.mean() - p) <= 4 * se, (seen.mean(), p)
+
+
+def test_tensor_blur_and_solarize_probabilities_per_view() -> None:
+    """The recipe's per-view probabilities: blur 1.0 / 0.1 / 0.5 (global 1, global 2, locals),
+    solarization 0 / 0.2 / 0, counted on 1000 samples (within 4 standard errors)."""
+    probs = [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0), (0.5, 0.0)]
+    aug = no_color_ops([ViewSpec(16, (1.0, 1.0), b, s) for b, s in probs], blur_sigma=(1.0, 2.0))
+    n = 1000
+    views = aug(checker_images(n), np.arange(n), epoch=0, seed=0)
+    for v, (blur_p, solarize_p) in zip(views, probs, strict=True):
+        assert_probabilities(v, blur_p, solarize_p)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -299,8 +403,43 @@ def test_pil_multicrop_seeded_is_reproducible() -> None:
     assert any(not torch.allclose(x, z) for x, z in zip(a, c, strict=True))
 
 
-def test_pil_multicrop_no_local() -> None:
-    assert len(MultiCropTransform(small_data_cfg(0))(pil_image())) == 2
+def plain_cfg(**kw) -> DataConfig:
+    """Views with no color operation and a normalization that keeps the pixel values."""
+    base = dict(
+        brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, color_jitter_p=0.0,
+        grayscale_p=0.0, blur_p=[0.0, 0.0, 0.0], solarize_p=[0.0, 0.0, 0.0],
+        mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0],
+    )  # fmt: skip
+    return DataConfig(**(base | kw))
+
+
+def pil_views(t: MultiCropTransform, img: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The views of ``n`` calls of ``t`` on ``img`` (uint8 [3, H, W]), stacked per view."""
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB")
+    calls = [t(pil) for _ in range(n)]
+    return [torch.stack(views) for views in zip(*calls, strict=True)]
+
+
+@pytest.mark.parametrize("local_crops", [0, 2])
+def test_pil_views_are_crops_drawn_in_their_scale_range(local_crops: int) -> None:
+    cfg = plain_cfg(global_size=64, local_size=32, local_crops=local_crops,
+                    global_scale=[0.4, 1.0], local_scale=[0.05, 0.4])  # fmt: skip
+    views = pil_views(MultiCropTransform(cfg), coordinate_images(1)[0], 128)
+    assert len(views) == 2 + local_crops
+    for i, v in enumerate(views):
+        size, scale = (64, (0.4, 1.0)) if i < 2 else (32, (0.05, 0.4))
+        assert_crops_drawn_from(v, size, scale)
+
+
+def test_pil_blur_and_solarize_probabilities_per_view() -> None:
+    """The PIL path's per-view probabilities, as the tensor path's (400 calls)."""
+    cfg = plain_cfg(global_size=16, local_size=16, local_crops=1, global_scale=[1.0, 1.0],
+                    local_scale=[1.0, 1.0], blur_sigma=[1.0, 2.0], blur_p=[1.0, 0.1, 0.5],
+                    solarize_p=[0.0, 0.2, 0.0])  # fmt: skip
+    views = pil_views(MultiCropTransform(cfg), checker_images(1)[0], 400)
+    probs = [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0)]
+    for v, (blur_p, solarize_p) in zip(views, probs, strict=True):
+        assert_probabilities(v, blur_p, solarize_p)
 
 
 # ------------------------------------------------------------------ seeding

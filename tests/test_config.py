@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from dino.cli import main
-from dino.config import Config
+from dino.config import Config, leaf_fields
 from dino.config_checks import validate
-from dino.config_load import apply_overrides, load_config
+from dino.config_load import apply_overrides, list_presets, load_config, load_yaml
 from dino.errors import DinoError
 
 
@@ -123,9 +123,25 @@ def test_validate_errors_name_the_field(overrides, field) -> None:
         load_config("fashion-mnist", overrides)
 
 
-def test_validate_accepts_presets() -> None:
-    validate(load_config("default"))
-    validate(load_config("fashion-mnist"))
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_is_valid_and_sets_its_fields(preset: str) -> None:
+    """Each shipped preset passes validation, and each field its file (or its base chain) names
+    holds the file's value; the same checks refuse it once a warm-up outlasts the run."""
+    cfg = load_config(preset)  # validates
+    chain = [load_yaml(preset)]
+    while "base" in chain[-1]:
+        chain.append(load_yaml(chain[-1]["base"]))
+    fields = leaf_fields()
+    for layer in chain[::-1]:
+        for key, value in layer.items():
+            if key == "base" or any(key in later for later in chain[: chain.index(layer)]):
+                continue
+            got = getattr(getattr(cfg, fields[key][0]), key)
+            assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
+    validate(cfg)
+    cfg.optim.warmup_epochs = cfg.optim.epochs + 1
+    with pytest.raises(DinoError, match="warmup_epochs"):
+        validate(cfg)
 
 
 def test_yaml_round_trip(tmp_path) -> None:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import dino
 from dino.data import scenes
-from dino.data.datasets import BUILTIN, fashion_mnist
+from dino.data.datasets import fashion_mnist, open_training_data
 from dino.data.scenes import INK, SCENE_SIZE, make_scenes, render_scenes, scene_params
 
 
@@ -16,8 +17,15 @@ def test_sources() -> torch.Tensor:
     return fashion_mnist("test").images[:, 0]
 
 
-def test_registered_as_builtin() -> None:
-    assert "fashion-mnist-scenes" in BUILTIN
+def test_data_name_opens_the_generated_scenes() -> None:
+    """``--data fashion-mnist-scenes`` trains on the train split's scenes (also the k-NN bank)
+    and queries k-NN with the test split's; its preset names it."""
+    d = open_training_data("fashion-mnist-scenes", subset=6)
+    for got, split in ((d.train, "train"), (d.knn_bank, "train"), (d.knn_query, "test")):
+        want = make_scenes(split, range(6))
+        assert len(got) == 6 and torch.equal(got.images, want.images)
+        assert torch.equal(got.labels, want.labels) and got.classes == want.classes
+    assert dino.load_config("fashion-mnist-scenes").data.data == "fashion-mnist-scenes"
 
 
 def test_scenes_are_deterministic_and_batch_independent() -> None:

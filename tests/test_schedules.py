@@ -46,8 +46,13 @@ def test_cosine_with_warmup() -> None:
 
 
 def test_cosine_warmup_longer_than_total_is_clipped() -> None:
-    s = cosine_schedule(1.0, 0.0, 4, warmup_iters=10)
-    assert len(s) == 4
+    """A warm-up as long as the run or longer is the whole run: the linear ramp from
+    warmup_start toward base over the run's steps, no cosine."""
+    s = cosine_schedule(1.0, 0.0, 4, warmup_iters=10, warmup_start=0.2)
+    np.testing.assert_allclose(s, 0.2 + 0.8 * np.arange(4) / 4)
+    np.testing.assert_array_equal(s, cosine_schedule(1.0, 0.0, 4, 4, warmup_start=0.2))
+    # one step after the warm-up: that step is the final value
+    np.testing.assert_allclose(cosine_schedule(1.0, 0.1, 4, warmup_iters=3), [0, 1 / 3, 2 / 3, 0.1])
 
 
 def test_linear_warmup_then_constant() -> None:

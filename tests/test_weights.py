@@ -7,6 +7,7 @@ written the way the reference code and ``dino train`` write them.
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -223,18 +224,44 @@ def test_published_names_download_once_through_the_hub(monkeypatch, vits) -> Non
         assert max_diff(m(x), teacher(x)) <= TOL
 
 
-def test_reference_model_table() -> None:
-    stems = {
-        "dino_vits16": "dino_deitsmall16_pretrain",
-        "dino_vits8": "dino_deitsmall8_pretrain",
-        "dino_vitb16": "dino_vitbase16_pretrain",
-        "dino_vitb8": "dino_vitbase8_pretrain",
-        "dino_resnet50": "dino_resnet50_pretrain",
-    }
-    for name, stem in stems.items():
-        assert REFERENCE_MODELS[name]["url"] == (
-            f"https://dl.fbaipublicfiles.com/dino/{stem}/{stem}.pth"
-        )
+#: The published files' names: ``dino_<network><patch>_pretrain`` (the ViT-S is DeiT-S).
+PUBLISHED_FILE = re.compile(
+    r"https://dl\.fbaipublicfiles\.com/dino/(?P<stem>dino_(?P<net>deitsmall|vitbase|resnet)"
+    r"(?P<n>\d+)_pretrain)/(?P=stem)\.pth"
+)
+PUBLISHED_NETWORKS = {"deitsmall": "vit_small", "vitbase": "vit_base", "resnet": "tv:resnet"}
+
+
+def reference_name(arch: str, patch_size: int | None) -> str:
+    """The library name of a published network: ``dino_vits16``, ``dino_resnet50``..."""
+    if arch.startswith("tv:"):
+        return f"dino_{arch[3:]}"
+    return f"dino_vit{arch.removeprefix('vit_')[0]}{patch_size}"
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_MODELS))
+def test_reference_names_load_the_network_their_file_holds(monkeypatch, name: str) -> None:
+    """Each name's URL is a published file whose name gives a network of the name's
+    architecture and patch size; a file of that network, served by the hub, loads under the
+    name as that network."""
+    spec = REFERENCE_MODELS[name]
+    m = PUBLISHED_FILE.fullmatch(spec["url"])
+    assert m, spec["url"]
+    arch = PUBLISHED_NETWORKS[m["net"]]
+    if arch.startswith("tv:"):
+        arch, patch = arch + m["n"], None
+        file_net = build_backbone(arch)
+    else:
+        patch = int(m["n"])
+        file_net = vit(arch, patch, 2 * patch, depth=1)
+    assert (spec["arch"], spec["patch_size"]) == (arch, patch)
+    assert reference_name(arch, patch) == name
+    monkeypatch.setattr(
+        torch.hub, "load_state_dict_from_url", lambda url, **kw: file_net.state_dict()
+    )
+    got = load_backbone(name).weights_info
+    assert (got.arch, got.patch_size) == (arch, patch)
+    assert got.source.endswith(f"{m['stem']}.pth")
 
 
 def test_download_failure_is_a_dino_error(monkeypatch) -> None:
