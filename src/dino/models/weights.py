@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino.atomic_files import check_intact
 from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
 from dino.models.backbones import VIT_SIZES, build_backbone
@@ -269,6 +270,7 @@ def _read_run_yaml(path: Path) -> dict[str, Any] | None:
 
 
 def _torch_load(path: Path) -> Any:
+    check_intact(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from dino.atomic_files import atomic_write
 from dino.data.datasets import BadImage, load_image
 from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
@@ -297,7 +298,7 @@ def save_attention_maps(
         save(Image.fromarray(mask, "L"), f"mask-head{i}.png")
     save(Image.fromarray(colorize(_upsample(att.mean(0), picture.size))), "attn-mean.png")
     save(overview(picture, att, msk), "overview.png")
-    np.save(out / "attention.npy", att.astype(np.float32))
+    atomic_write(out / "attention.npy", lambda f: np.save(f, att.astype(np.float32)))
     return {
         "overview": out / "overview.png",
         "files": written + [out / "attention.npy"],
