@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
         "whether a run is writing to the folder now. Exit code 0 when every file is intact, 1 "
         "otherwise (the newest intact checkpoint is named).",
     )
-    p.add_argument("run", metavar="RUN", help="a run folder written by `dino train`")
+    p.add_argument("folder", metavar="RUN", help="a run folder written by `dino train`")
     p.set_defaults(run=check_run)
 
 
@@ -44,6 +44,8 @@ def check_file(path: Path) -> tuple[bool, str]:
         except Exception as exc:
             return False, f"DAMAGED: not readable ({type(exc).__name__})"
         return True, "readable (written without a checksum)"
+    if path.suffix not in (".yaml", ".json", ".jsonl"):
+        return True, "not checked"
     try:
         text = path.read_text()
         if path.suffix == ".yaml":
@@ -60,8 +62,6 @@ def check_file(path: Path) -> tuple[bool, str]:
                         return True, f"{i} lines ok, the last one torn (dropped on resume)"
                     return False, f"DAMAGED: line {i + 1} is not JSON"
             return True, f"{len(lines)} lines ok"
-        else:
-            return True, "not checked"
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         return False, f"DAMAGED: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     return True, "ok"
@@ -91,7 +91,7 @@ def check_run(args: argparse.Namespace) -> int:
     from dino.training.checkpoint import LATEST
     from dino.training.run_lock import LOCK_FILE
 
-    run = Path(args.run)
+    run = Path(args.folder)
     if not run.is_dir():
         raise DinoError(f"{run} is not a folder; pass a run folder written by `dino train`")
     if not (run / "config.yaml").exists() and not any(run.glob("checkpoint*.pth")):

@@ -132,9 +132,12 @@ def run_session() -> Iterator[None]:
     except WriteFailure as exc:
         folder = exc.path.parent
         if folder.resolve() in _held and (folder / "config.yaml").exists():
+            kept = ""
+            if exc.path.name != "checkpoint.pth" and (folder / "checkpoint.pth").exists():
+                kept = "; checkpoint.pth (the last checkpoint) is kept"
+            message, fix = str(exc).removesuffix(" and run the command again").rsplit("; ", 1)
             raise DinoError(
-                f"{str(exc).removesuffix(' and run the command again')}, then continue with "
-                f"`dino train --resume {folder}`"
+                f"{message}{kept}; {fix}, then continue with `dino train --resume {folder}`"
             ) from None
         raise
     finally:
