@@ -33,6 +33,9 @@ log = logging.getLogger("dino")
 
 #: The locks this process holds: resolved folder -> (file descriptor, times taken).
 _held: dict[Path, list[int]] = {}
+#: How to leave a folder as it was if the run that locked it is refused before it starts:
+#: resolved folder -> (folder created?, the lock file's previous bytes and times, or None).
+_before: dict[Path, tuple[bool, tuple[bytes, int, int] | None]] = {}
 
 
 def holder(run_dir: str | Path) -> dict | None:
@@ -60,6 +63,7 @@ def acquire(run_dir: str | Path) -> None:
     """Take the lock of ``run_dir`` (created if missing) or raise :class:`DinoError` naming the
     process that holds it; nothing is written to the folder then."""
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -70,13 +74,18 @@ def acquire(run_dir: str | Path) -> None:
         return
     path = run_dir / LOCK_FILE
     try:
+        st = path.stat()
+        previous = (path.read_bytes(), st.st_atime_ns, st.st_mtime_ns)
+    except OSError:
+        previous = None
+    try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise write_failure(path, exc) from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        os.close(fd)
+        os.close(fd)  # (the lock file is the holder's: never removed here)
         if exc.errno in (errno.EACCES, errno.EAGAIN):
             raise DinoError(
                 f"{run_dir} is in use by {describe(holder(run_dir))}: one run at a time writes "
@@ -102,6 +111,33 @@ def acquire(run_dir: str | Path) -> None:
         os.close(fd)
         raise write_failure(path, exc) from None
     _held[key] = [fd, 1]
+    _before[key] = (created, previous)
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove the lock file and ``folder`` if nothing else is in it."""
+    try:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:  # not empty (another run's files), or gone
+        pass
+
+
+def _restore(key: Path) -> None:
+    """Leave the folder ``key`` as it was before :func:`acquire` (called holding the lock)."""
+    created, previous = _before.pop(key, (False, None))
+    path = key / LOCK_FILE
+    try:
+        if previous is None:
+            path.unlink(missing_ok=True)
+            if created:
+                _remove_empty(key)
+        else:
+            os.pwrite(_held[key][0], previous[0], 0)
+            os.ftruncate(_held[key][0], len(previous[0]))
+            os.utime(path, ns=previous[1:])
+    except OSError:
+        pass
 
 
 def held_folders() -> set[Path]:
@@ -122,13 +158,28 @@ def release(run_dir: str | Path) -> None:
             os.close(held[0])  # closing the descriptor releases the lock
 
 
+class Session:
+    """What :func:`run_session` yields; :meth:`started` marks the end of the checks."""
+
+    def __init__(self) -> None:
+        self.before, self.is_started = set(_held), False
+
+    def started(self) -> None:
+        """The run passed its checks: from now on its folder is its own."""
+        self.is_started = True
+        for key in set(_held) - self.before:
+            _before.pop(key, None)
+
+
 @contextmanager
-def run_session() -> Iterator[None]:
-    """Around one run: release the locks it took when it ends, and say, in a write failure
-    inside a run folder, how to continue the run."""
-    before = set(_held)
+def run_session() -> Iterator[Session]:
+    """Around one run: release the locks it took when it ends, leave the folder as it was if
+    the run is refused before :meth:`Session.started`, and say, in a write failure inside a run
+    folder, how to continue the run."""
+    session = Session()
+    before = session.before
     try:
-        yield
+        yield session
     except WriteFailure as exc:
         folder = exc.path.parent
         if folder.resolve() in _held and (folder / "config.yaml").exists():
@@ -142,5 +193,7 @@ def run_session() -> Iterator[None]:
         raise
     finally:
         for key in set(_held) - before:
+            if not session.is_started and key in _before and _held[key][0] >= 0:
+                _restore(key)
             _held[key][1] = 1
             release(key)

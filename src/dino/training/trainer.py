@@ -442,8 +442,9 @@ class _Interrupted(Exception):
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Run DINO pretraining as ``cfg`` says (continuing the run folder ``resume`` if given) and
     return the results (final weighted k-NN when the data has labels)."""
-    with run_lock.run_session():  # the run folder's lock, released at the end
+    with run_lock.run_session() as session:  # the run folder's lock, released at the end
         trainer = Trainer(cfg, resume)
+        session.started()
         results = trainer.fit()
         trainer.d.close()
     return results
