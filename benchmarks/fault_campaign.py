@@ -100,7 +100,7 @@ def install_disk(mp: pytest.MonkeyPatch, budget: Budget) -> None:
             self.f = f
 
         def write(self, data: Any) -> int:
-            n = len(memoryview(data).cast("B")) if not isinstance(data, str) else len(data)
+            n = len(data) if isinstance(data, str) else memoryview(data).nbytes
             if budget.left is not None and budget.written + n > budget.left:
                 raise OSError(errno.ENOSPC, "No space left on device")
             budget.written += n
@@ -338,14 +338,16 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def campaign(faults: int, seed: int, work: Path, budget_s: float | None = None) -> dict:
+def campaign(
+    faults: int, seed: int, work: Path, budget_s: float | None = None, kinds: tuple = FAULTS
+) -> dict:
     t0 = time.perf_counter()
     c = Campaign(work, seed)
     records = []
     for i in range(faults):
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
             break
-        kind = FAULTS[i % len(FAULTS)] if i < len(FAULTS) else c.rng.choice(FAULTS)
+        kind = kinds[i % len(kinds)] if i < len(kinds) else c.rng.choice(kinds)
         rec = c.one(i, kind)
         records.append(rec)
         status = "survived" if rec["survived"] else f"LOST: {rec['problems']}"
@@ -376,12 +378,14 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting faults after it")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "fault_campaign.json"))
     ap.add_argument("--keep-work", action="store_true", help="keep the run folders")
+    ap.add_argument("--only", nargs="+", choices=FAULTS, default=list(FAULTS), help="fault kinds")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dino-faults-"))
     try:
-        result = campaign(args.faults, args.seed, work, args.budget_s)
+        result = campaign(args.faults, args.seed, work, args.budget_s, tuple(args.only))
+        print(f"run folders: {work}" if args.keep_work else "", end="")
     finally:
-        if not args.keep_work:
+        if not args.keep_work:  # (kept: printed above)
             shutil.rmtree(work, ignore_errors=True)
     result = {
         "machine": "2-core AMD EPYC VM shared with other jobs (timings under load)",

@@ -137,14 +137,22 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 class _Hashing:
-    """A binary file that hashes what is written through it."""
+    """A binary file that hashes what is written through it, and keeps the first ``OSError``
+    of a write (``torch.save`` reports a failed write of its C++ writer as a ``RuntimeError``
+    about file positions: the real cause is raised instead)."""
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f, self.hash = f, xxhash.xxh3_128()
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.hash.update(data)
-        return self.f.write(data)
+        return n
 
     def flush(self) -> None:
         self.f.flush()
@@ -153,7 +161,12 @@ class _Hashing:
 def write_torch(obj: Any, f: IO[bytes]) -> None:
     """``torch.save(obj, f)`` followed by the checksum trailer."""
     hashing = _Hashing(f)
-    torch.save(obj, hashing)  # type: ignore[arg-type]
+    try:
+        torch.save(obj, hashing)  # type: ignore[arg-type]
+    except Exception:
+        if hashing.error is not None:
+            raise hashing.error from None
+        raise
     f.write(MAGIC + hashing.hash.digest())
 
 
