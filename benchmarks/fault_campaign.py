@@ -3,7 +3,7 @@ recovered as a user would; reports faults tried, survived, and anything lost.
 
 ``python benchmarks/fault_campaign.py --faults 100 --seed 0``
 
-Every run is the same tiny one (ViT-pico of depth 2 on 16 made 20x20 PNGs, 6 steps, a checkpoint
+Every run is the same tiny one (ViT-pico of depth 2 on 16 made 20x20 PNGs, 4 steps, a checkpoint
 every step, ``--keep 2``, CPU fp32), started as a forked child of this process (already holding
 torch and dino in memory, so that a run takes about a second). The faults, drawn in turn:
 
@@ -60,11 +60,11 @@ torch.set_num_threads(1)
 
 FAULTS = ("kill9", "sigterm", "kill_while_saving", "disk_full", "bitflip", "two_writers",
           "two_resumes")  # fmt: skip
-STEPS = 6
+STEPS = 4
 RUN = ["--arch", "vit_pico", "--depth", "2", "--patch-size", "4", "--drop-path-rate", "0.2",
        "--global-size", "16", "--local-size", "8", "--local-crops", "2", "--out-dim", "32",
        "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--batch-size", "8",
-       "--epochs", "3", "--warmup-epochs", "0.5", "--precision", "fp32", "--device", "cpu",
+       "--epochs", "2", "--warmup-epochs", "0.5", "--precision", "fp32", "--device", "cpu",
        "--save-every", "1", "--keep", "2", "--log-every", "1", "--eval-every", "0",
        "--eval-resize", "16", "--eval-crop", "16", "--knn-k", "5", "--num-workers", "0",
        "--tensorboard", "false", "--min-steps", "0"]  # fmt: skip
