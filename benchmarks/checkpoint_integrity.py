@@ -11,7 +11,8 @@
   BLAKE2b for comparison), in GB/s.
 
 Save and load are timed in interleaved rounds (``harness.interleave``); the overhead is the
-median over rounds of (with - without) / without. Results: ``results/checkpoint_integrity.json``.
+median over rounds of (with - without) / without, in wall time and in this process's CPU time.
+Results: ``results/checkpoint_integrity.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,6 +58,18 @@ def vit_small_checkpoint() -> dict:
     }
 
 
+def cpu_timed(fn: Callable[[], object], into: list[float]) -> Callable[[], None]:
+    """``fn``, also recording the CPU seconds of this process it took (less sensitive than the
+    wall time to other jobs on a shared machine)."""
+
+    def timed() -> None:
+        t0 = time.process_time()
+        fn()
+        into.append(time.process_time() - t0)
+
+    return timed
+
+
 def overhead(with_: list[float], without: list[float]) -> float:
     """Median over rounds of the relative extra time."""
     return statistics.median((a - b) / b for a, b in zip(with_, without, strict=True))
@@ -69,20 +83,23 @@ def main() -> None:
     state = vit_small_checkpoint()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         plain, summed = Path(tmp) / "plain.pth", Path(tmp) / "summed.pth"
+        cpu: dict[str, list[float]] = {k: [] for k in ("save_plain", "save_checksum")}
+        cpu |= {k: [] for k in ("load_plain", "load_checksum")}
+        steps = {
+            "save_plain": lambda: atomic_write(plain, lambda f: torch.save(state, f)),
+            "save_checksum": lambda: save_torch(state, summed),
+        }
         saves = interleave(
-            {
-                "save_plain": lambda: atomic_write(plain, lambda f: torch.save(state, f)),
-                "save_checksum": lambda: save_torch(state, summed),
-            },
-            rounds=args.rounds,
+            {k: cpu_timed(fn, cpu[k]) for k, fn in steps.items()}, rounds=args.rounds
         )
+        steps = {
+            "load_plain": lambda: torch.load(plain, weights_only=False),
+            "load_checksum": lambda: load_torch(summed, weights_only=False),
+        }
         loads = interleave(
-            {
-                "load_plain": lambda: torch.load(plain, weights_only=False),
-                "load_checksum": lambda: load_torch(summed, weights_only=False),
-            },
-            rounds=args.rounds,
+            {k: cpu_timed(fn, cpu[k]) for k, fn in steps.items()}, rounds=args.rounds
         )
+        cpu = {k: v[-args.rounds :] for k, v in cpu.items()}  # the timed rounds
         data = summed.read_bytes()
     size_gb = len(data) / 1e9
     hashes = {}
@@ -107,6 +124,10 @@ def main() -> None:
         "median_seconds": med,
         "save_overhead": overhead(saves["save_checksum"], saves["save_plain"]),
         "load_overhead": overhead(loads["load_checksum"], loads["load_plain"]),
+        "median_cpu_seconds": {k: statistics.median(v) for k, v in cpu.items()},
+        "save_cpu_overhead": overhead(cpu["save_checksum"], cpu["save_plain"]),
+        "load_cpu_overhead": overhead(cpu["load_checksum"], cpu["load_plain"]),
+        "rounds_seconds": {k: v for k, v in {**saves, **loads}.items() if ":" not in k},
         "hash_alone": hashes,
         "hash_share_of_save": hashes["xxh3_128"]["seconds"] / med["save_plain"],
         "other_cpu_share": statistics.median(
