@@ -397,7 +397,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
     result = {
         "machine": "2-core AMD EPYC VM shared with other jobs (timings under load)",
-        "command": f"python benchmarks/fault_campaign.py --faults {args.faults} --seed {args.seed}",
+        "command": f"python benchmarks/fault_campaign.py --faults {args.faults} --seed {args.seed}"
+        + (f" --budget-s {args.budget_s:g}" if args.budget_s is not None else ""),
         **result,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
