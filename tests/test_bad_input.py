@@ -603,21 +603,23 @@ def test_resume_refuses_a_bad_folder(setup, words, work, capsys) -> None:
 # ---------------------------------------------------------------- checkpoint files
 
 
-def test_keep_one_copies_are_independent_files(tmp_path) -> None:
-    """With --keep 1 the numbered checkpoint is a copy, not a link of checkpoint.pth: damaging
-    one leaves the other, and loading falls back to it, then to the previous checkpoint."""
+def test_keep_one_links_the_latest_and_falls_back_past_damage(tmp_path) -> None:
+    """With --keep 1 checkpoint.pth is a hard link of the latest numbered checkpoint (stored
+    once): damage to it is damage to both, found by the checksum, and loading falls back to the
+    previous checkpoint."""
     for it in (2, 4):
         save_checkpoint(
             {"student": {"w": torch.full((3,), float(it))}, "iteration": it}, tmp_path, keep=1
         )
-    latest, copy = tmp_path / LATEST, tmp_path / "checkpoint-00000004.pth"
-    assert os.stat(latest).st_ino != os.stat(copy).st_ino and os.stat(latest).st_nlink == 1
-    assert latest.read_bytes() == copy.read_bytes()
-    latest.write_bytes(latest.read_bytes()[:20])  # damaged in place
+    latest, numbered = tmp_path / LATEST, tmp_path / "checkpoint-00000004.pth"
+    assert os.path.samefile(latest, numbered) and os.stat(latest).st_nlink == 2
+    with open(latest, "r+b") as f:  # one byte flipped in place
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
     state = load_checkpoint(tmp_path)
-    assert state["iteration"] == 4 and torch.equal(state["student"]["w"], torch.full((3,), 4.0))
-    copy.write_bytes(b"")
-    assert load_checkpoint(tmp_path)["iteration"] == 2
+    assert state["iteration"] == 2 and torch.equal(state["student"]["w"], torch.full((3,), 2.0))
 
 
 # ---------------------------------------------------------------- runs that trained nothing

@@ -393,7 +393,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def save_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from dino.atomic_files import write_text  # (torch is not imported to read a config)
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

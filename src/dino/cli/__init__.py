@@ -11,12 +11,32 @@ import argparse
 import logging
 import sys
 
-from dino.cli import copy_detection, evaluate, export, retrieval, segment, track, train, visualize
+from dino.cli import (
+    check_run,
+    copy_detection,
+    evaluate,
+    export,
+    retrieval,
+    segment,
+    track,
+    train,
+    visualize,
+)
 from dino.cli.flags import OneLineParser, check_flags
 from dino.errors import DinoError
 
 #: The command modules, in the order ``dino --help`` lists their commands.
-COMMAND_MODULES = [train, evaluate, track, retrieval, copy_detection, visualize, segment, export]
+COMMAND_MODULES = [
+    train,
+    check_run,
+    evaluate,
+    track,
+    retrieval,
+    copy_detection,
+    visualize,
+    segment,
+    export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,11 +72,32 @@ def main(argv: list[str] | None = None) -> int:
         print("dino: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        message = one_line_failure(exc)
+        if message is not None:  # out of memory, or a file that could not be written
+            print(f"dino: error: {f'rank {rank}: ' if world > 1 else ''}{message}", file=sys.stderr)
+            if world > 1:
+                from dino.training.distributed import record_failure
+
+                record_failure(exc)
+            return 2
         if world > 1:
             from dino.training.distributed import worker_failed
 
             worker_failed(exc)
         raise
+
+
+def one_line_failure(exc: BaseException) -> str | None:
+    """The one line for a failure the user can act on that reached the command line unhandled:
+    memory exhausted, or a file that could not be written (no space, permission, read-only);
+    None for a bug (then the traceback is shown)."""
+    from dino.atomic_files import WRITE_ERRNOS, write_failure
+    from dino.training.memory import out_of_memory_message
+
+    message = out_of_memory_message(exc)
+    if message is None and isinstance(exc, OSError) and exc.filename and exc.errno in WRITE_ERRNOS:
+        message = str(write_failure(exc.filename, exc))
+    return message
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dino.atomic_files import write_json
 from dino.cli.flags import (
     add_loader_flags,
     add_view_flags,
     add_weights_flags,
     eval_view,
     load_weights,
-    write_json,
 )
 from dino.config import KNN_KS, KNN_TEMPERATURE
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import typing
 from collections.abc import Sequence
@@ -226,12 +225,6 @@ def eval_view(args: argparse.Namespace, data: str, backbone: Any) -> Any:
     return resolve_view(
         data, run_config_of(backbone), args.eval_resize, args.eval_crop, args.mean, args.std
     )
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(obj, indent=2, default=str))
 
 
 #: The valid values of the commands' flags by argparse ``dest`` (the arguments of

@@ -4,12 +4,11 @@ separate, pictured, scored against true masks, and filmed."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from dino.atomic_files import write_json
 from dino.cli.flags import (
     add_norm_flags,
     add_threshold_flag,
@@ -146,16 +145,6 @@ def _check(args: argparse.Namespace) -> None:
         raise DinoError(f"nothing to segment: pass images, or --data {SCENES} or a folder")
 
 
-def _write_json(path: str, obj: dict[str, Any]) -> None:
-    """Write ``obj`` to ``path`` through a temporary file: a failure never leaves a half-written
-    file nor loses an earlier one."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, out)
-
-
 def _print_scores(res: dict[str, Any], what: str) -> None:
     j = res["jaccard"]
     print(f"Jaccard index (%) of {res['images']} {what}")
@@ -205,7 +194,7 @@ def segment(args: argparse.Namespace) -> int:
         )
         _print_scores(result, "test scenes" if args.data == SCENES else f"images of {args.data}")
         if args.json:
-            _write_json(args.json, result)
+            write_json(args.json, result)
             print(f"scores -> {args.json}")
     for f, name in zip(files, output_names(files), strict=True):
         draw.file(f, size, name)

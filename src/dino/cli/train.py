@@ -131,6 +131,8 @@ def check_data(args: argparse.Namespace) -> int:
         print(f"unreadable: {path}: {reason}")
     print(report.summary())
     if args.output:
-        Path(args.output).write_text("".join(f"{path}\n" for path, _ in report.bad))
+        from dino.atomic_files import write_text
+
+        write_text(args.output, "".join(f"{path}\n" for path, _ in report.bad))
         print(f"list of unreadable files -> {args.output}")
     return 0 if report.ok else 1

@@ -11,7 +11,7 @@ source (a folder or ``"fashion-mnist"``) and returns plain dicts that the comman
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import math
 import sys
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dino.atomic_files import atomic_write, write_json, write_text
 from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, builtin_split, decode_bad
 from dino.devices import resolve_device
 from dino.errors import DinoError
@@ -259,12 +260,13 @@ def extract_features(
     features = torch.cat(feats).numpy()[keep]
     label_arr = torch.cat(labels).numpy()[keep]
     kept_paths = [p for p, k in zip(paths, keep, strict=True) if k]
-    np.save(out / "features.npy", features.astype(np.float32))
-    with open(out / "index.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "path", "label", "class"])
-        for i, (p, y) in enumerate(zip(kept_paths, label_arr, strict=True)):
-            w.writerow([i, p, int(y), classes[int(y)] if 0 <= int(y) < len(classes) else ""])
+    atomic_write(out / "features.npy", lambda f: np.save(f, features.astype(np.float32)))
+    rows = io.StringIO()
+    w = csv.writer(rows)
+    w.writerow(["row", "path", "label", "class"])
+    for i, (p, y) in enumerate(zip(kept_paths, label_arr, strict=True)):
+        w.writerow([i, p, int(y), classes[int(y)] if 0 <= int(y) < len(classes) else ""])
+    write_text(out / "index.csv", rows.getvalue())
     info = getattr(model, "weights_info", None)
     meta: dict[str, Any] = {
         "weights": info.source if info else None,
@@ -276,7 +278,7 @@ def extract_features(
         "view": view.to_dict(),
         "unreadable": bad,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "meta.json", meta)
     if bad:
         log.warning("%d unreadable images left out (listed in %s)", len(bad), out / "meta.json")
     meta["files"] = {

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dino.atomic_files import atomic_write, save_torch
+from dino.atomic_files import atomic_write, load_torch, save_torch
 from dino.data.datasets import loader_workers
 from dino.devices import resolve_device
 from dino.errors import DinoError
@@ -303,7 +303,7 @@ def _resume(
     path: Path, setup: dict[str, Any], classifier: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[int, list[dict[str, Any]]]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DinoError(
             f"{path} is not a readable linear-probe checkpoint ({type(exc).__name__}); delete it "
@@ -352,7 +352,7 @@ def _cached_features(
     cache = out / FEATURE_CACHE if out is not None else None
     if cache is not None and cache.exists():
         try:
-            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            saved = load_torch(cache, map_location="cpu", weights_only=True)
             if saved.get("key") == key:
                 log.info("linear probe: features from %s", cache)
                 return saved["train"][0], saved["train"][1], saved["val"][0], saved["val"][1]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino.atomic_files import atomic_write
+from dino.atomic_files import write_json, write_text
+
+__all__ = ["write_json", "write_csv"]  # write_json: the one in dino.atomic_files
 from dino.errors import DinoError
 
 #: A backbone as the evaluation functions accept it: a module, weights for
@@ -33,22 +34,13 @@ def refuse_existing(path: str | Path | None, flag: str) -> None:
         )
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON (folders created; atomically: a kill leaves no torn file)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
 def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Write a CSV file (folders created; atomically: a kill leaves no torn file)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: f.write(buf.getvalue().encode()))
+    write_text(path, buf.getvalue())
 
 
 def resolve_backbone(backbone: Backbone, device: torch.device) -> nn.Module:

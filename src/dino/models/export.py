@@ -33,7 +33,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino.atomic_files import write_json
 from dino.errors import DinoError
 from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.models.backbones import VIT_SIZES
@@ -321,11 +321,11 @@ def export_backbone(
             "opset": opset,
         }
     config["dino"] = dino_section
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(out / "config.json", config)
     if verify:
         if spec is not None:
             dino_section["timm"]["max_abs_diff"] = check_timm(out, model, size)
         if onnx:
             dino_section["onnx"]["max_abs_diff"] = check_onnx(out / "model.onnx", model, size)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json(out / "config.json", config)
     return {**config, "files": files}

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dino.atomic_files import check_intact
 from dino.errors import DinoError
 
 #: The published reference backbones: name -> download URL, architecture and input statistics.
@@ -112,6 +113,7 @@ def read_run_yaml(path: Path) -> dict[str, Any] | None:
 
 
 def torch_load(path: Path) -> Any:
+    check_intact(path)
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,15 +1,19 @@
 """Checkpoint files, written atomically (:mod:`dino.atomic_files`).
 
 A kill at any moment leaves either the previous checkpoint or the new one, never a torn file.
-``checkpoint.pth`` is always the latest; with ``keep > 0`` it is also saved as
-``checkpoint-<iteration>.pth`` (an independent copy, so that damage to one file leaves the
-other) and the ``keep`` previous numbered ones stay. Loading a run folder whose
-``checkpoint.pth`` is missing or unreadable falls back to the newest loadable numbered one.
+``checkpoint.pth`` is always the latest; with ``keep > 0`` it is saved as
+``checkpoint-<iteration>.pth`` and ``checkpoint.pth`` is a hard link to it (the same bytes are
+stored once; where the file system has no hard links, a copy), and the ``keep`` previous
+numbered ones stay. Every checkpoint carries a checksum (:func:`dino.atomic_files.save_torch`),
+verified on every load. Loading a run folder whose ``checkpoint.pth`` is missing, unreadable or
+damaged falls back to the newest intact numbered one, with a warning.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
 import re
 import shutil
@@ -19,7 +23,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from dino.atomic_files import atomic_write, save_torch
+from dino.atomic_files import atomic_write, check_intact, save_torch, write_failure
 from dino.errors import DinoError
 
 LATEST = "checkpoint.pth"
@@ -57,12 +61,30 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, keep: int = 0) -
         return latest
     numbered = run_dir / f"checkpoint-{int(state['iteration']):08d}.pth"
     save_torch(state, numbered)
-    # an independent copy, not a link: damage to one file leaves the other intact
-    atomic_write(latest, lambda f: _copy_into(numbered, f))
+    link_or_copy(numbered, latest)
     old = sorted(p for p in run_dir.iterdir() if NUMBERED.match(p.name))
     for p in old[: -(keep + 1)]:
         p.unlink(missing_ok=True)
     return latest
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link to ``source`` (replacing it atomically), or, where the file
+    system has no hard links, an atomic copy."""
+    tmp = target.with_name(f".{target.name}.link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise write_failure(target, exc) from None
+        atomic_write(target, lambda f: _copy_into(source, f))
+        return
+    try:
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(target, exc) from None
 
 
 def _copy_into(source: Path, f: IO[bytes]) -> None:
@@ -105,26 +127,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         (p for p in path.glob("checkpoint-*.pth") if NUMBERED.match(p.name)), reverse=True
     )
     try:
-        return _load_file(path / LATEST, map_location)
+        return _load_file(path / LATEST, map_location, hint=False)
     except DinoError as exc:
         if not numbered:
             raise
-        first_error = exc
+        first_error = str(exc).split("; ")[0]
     for p in numbered:
         try:
-            state = _load_file(p, map_location)
+            state = _load_file(p, map_location, hint=False)
         except DinoError:
             continue
         log.warning("%s; loading %s instead", first_error, p)
         return state
     raise DinoError(
-        f"{first_error}, and none of the numbered checkpoints of {path} is readable either"
+        f"{first_error}, and none of the numbered checkpoints of {path} is readable either; "
+        "start the run again in a new folder"
     )
 
 
-def _load_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+def _load_file(path: Path, map_location: str | torch.device, hint: bool = True) -> dict[str, Any]:
+    """Load one checkpoint file; ``hint``: name the newest intact one in the error if it is
+    damaged."""
     if not path.exists():
         raise DinoError(f"no checkpoint at {path}; pass a run folder written by `dino train`")
+    check_intact(path, hint)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated or foreign file

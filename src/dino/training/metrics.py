@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dino.atomic_files import atomic_write
+from dino.atomic_files import atomic_write, write_failure
 
 log = logging.getLogger("dino")
 
@@ -45,11 +45,17 @@ class MetricsFile:
                     keep.append(line)
             text = "".join(f"{line}\n" for line in keep)
             atomic_write(path, lambda f: f.write(text.encode()))
-        self.f = open(path, "a")
+        try:
+            self.f = open(path, "a")
+        except OSError as exc:
+            raise write_failure(path, exc) from None
 
     def write(self, row: dict[str, Any]) -> None:
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
+        try:  # a line torn by a full disk is dropped on resume, as one torn by a kill
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+        except OSError as exc:
+            raise write_failure(self.path, exc) from None
         if self.tb is not None:
             step = int(row.get("iteration", 0))
             for k, v in row.get("knn", {}).items():
@@ -61,7 +67,10 @@ class MetricsFile:
             self.tb.flush()
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:  # its last line could not be written: reported by write already
+            pass
         if self.tb is not None:
             self.tb.close()
 

@@ -23,6 +23,7 @@ from dino.config import Config
 from dino.config_checks import resume_changes
 from dino.config_load import load_config
 from dino.errors import DinoError
+from dino.training import run_lock
 from dino.training.checkpoint import (
     LATEST,
     NUMBERED,
@@ -175,6 +176,9 @@ def open_run_dir(
     if resume is None:
         run_dir = Path(cfg.run.output_dir or default_run_dir())
         check_new_run_dir(run_dir)
+        if main:  # one writer per run folder; checked again once it is ours
+            run_lock.acquire(run_dir)
+            check_new_run_dir(run_dir)
         return run_dir, None
     resume = Path(resume)
     source = resume if resume.is_dir() else resume.parent
@@ -186,6 +190,8 @@ def open_run_dir(
     target = resume_target(cfg, load_config(str(source / "config.yaml")), source)
     if target != source:
         check_new_run_dir(target)
+    if main:
+        run_lock.acquire(target)
     if resume.is_file() and target == source:
         newer = [
             p.name

@@ -35,12 +35,13 @@ from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from dino.errors import DinoError
 from dino.loss import DINOLoss
 from dino.models.backbones import has_batchnorm
-from dino.training import run_state
+from dino.training import run_lock, run_state
 from dino.training.additions import Additions
 from dino.training.bad_files import BadFiles
 from dino.training.batches import Batches
 from dino.training.distributed import Dist, max_over_ranks, setup_distributed, sync_batchnorm
 from dino.training.knn import teacher_knn
+from dino.training.memory import check_memory
 from dino.training.metrics import MetricsFile
 from dino.training.monitor import CollapseMonitor
 from dino.training.networks import build_networks
@@ -75,6 +76,7 @@ class Trainer:
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.sched = Schedules.build(cfg, self.steps_per_epoch, self.batches.sampler.global_batch)
 
+        check_memory(cfg, self.device, len(self.data.train))  # before allocating the networks
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.student, self.teacher = build_networks(cfg, load_init=resume_state is None)
         self.student.to(self.device)
@@ -440,7 +442,9 @@ class _Interrupted(Exception):
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Run DINO pretraining as ``cfg`` says (continuing the run folder ``resume`` if given) and
     return the results (final weighted k-NN when the data has labels)."""
-    trainer = Trainer(cfg, resume)
-    results = trainer.fit()
-    trainer.d.close()
+    with run_lock.run_session() as session:  # the run folder's lock, released at the end
+        trainer = Trainer(cfg, resume)
+        session.started()
+        results = trainer.fit()
+        trainer.d.close()
     return results

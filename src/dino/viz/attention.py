@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dino.atomic_files import atomic_write
 from dino.data.datasets import BadImage, load_image
 from dino.errors import DinoError
 from dino.eval.attention import attention_masks, attention_patch_size, cls_attention
@@ -108,7 +109,7 @@ def save_attention_maps(
     written = save_head_maps(out, picture, att, mask_pictures)
     overview(picture, att, msk).save(out / "overview.png")
     written.append(out / "overview.png")
-    np.save(out / "attention.npy", att.astype(np.float32))
+    atomic_write(out / "attention.npy", lambda f: np.save(f, att.astype(np.float32)))
     return {
         "overview": out / "overview.png",
         "files": written + [out / "attention.npy"],

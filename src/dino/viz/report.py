@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from dino.atomic_files import write_text
 from dino.errors import DinoError
 
 log = logging.getLogger("dino")
@@ -385,7 +386,7 @@ def write_report(
         parts.append(f"<h2>Config</h2><pre>{html.escape(dumped)}</pre>")
     parts.append("</body></html>")
     page = out / "report.html"
-    page.write_text("\n".join(parts))
+    write_text(page, "\n".join(parts))
     for note in notes:
         log.warning("%s", note)
     return {

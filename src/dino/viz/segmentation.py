@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dino.atomic_files import atomic_write
 from dino.eval.segmentation import Segmentation
 from dino.viz.drawing import colorize, overlay, panel, save_head_maps, sheet, upsample
 from dino.viz.pca import foreground_picture, mask_picture, pca_picture
@@ -79,6 +80,6 @@ def save_segmentation(
     if truth is not None:
         save(mask_picture(truth, size).convert("L"), "true-mask.png")
     save(sheet([segment_panels(picture, seg, i, truth)]), "overview.png")
-    np.save(out / "attention.npy", att.astype(np.float32))
+    atomic_write(out / "attention.npy", lambda f: np.save(f, att.astype(np.float32)))
     written.append(out / "attention.npy")
     return written
