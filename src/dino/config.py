@@ -177,6 +177,13 @@ class ModelConfig:
         "images; lower --lr and --warmup-epochs then. Empty: random initialization.",
         on_resume="fixed",
     )
+    new_head: bool = _f(
+        False,
+        "with --init of a full checkpoint (a run folder, ours or the reference's full "
+        "checkpoint): start a new random DINO head and loss center instead of loading the "
+        "checkpoint's (loaded by default when their shapes fit).",
+        on_resume="fixed",
+    )
 
 
 @dataclass

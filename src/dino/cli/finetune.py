@@ -48,6 +48,13 @@ def register(sub: Any) -> None:
         "--warmup", type=float, default=0.1, help="fraction of training warming up (default 0.1)"
     )
     f.add_argument(
+        "--randaugment",
+        type=int,
+        default=9,
+        metavar="M",
+        help="RandAugment magnitude (0-30; default 9, DeiT's; 0: crops and flips only)",
+    )
+    f.add_argument(
         "--labels-per-class",
         type=int,
         default=0,
@@ -64,10 +71,10 @@ def register(sub: Any) -> None:
 
 def finetune(args: argparse.Namespace) -> int:
     from dino.cli.flags import eval_view, load_weights
-    from dino.eval.finetune import CLASSIFIER, finetune
+    from dino.eval.finetune import CLASSIFIER, finetune_backbone
 
     backbone = load_weights(args)
-    res = finetune(
+    res = finetune_backbone(
         backbone,
         args.data,
         args.output_dir,
@@ -81,6 +88,7 @@ def finetune(args: argparse.Namespace) -> int:
         drop_path=args.drop_path,
         label_smoothing=args.label_smoothing,
         warmup=args.warmup,
+        randaugment=args.randaugment,
         labels_per_class=args.labels_per_class,
         label_seed=args.label_seed,
         resume=args.resume,

@@ -264,6 +264,7 @@ FLAG_VALUES: dict[str, dict[str, Any]] = {
     "drop_path": {"range": "[0, 1)"},
     "label_smoothing": {"range": "[0, 1)"},
     "warmup": {"range": "[0, 1)"},
+    "randaugment": {"range": "[0, 30]"},
     "labels_per_class": {"range": "[0, inf)"},
     "label_seed": {"range": "[0, 4294967295]"},
     "device": {"choices": ("auto", "cpu", "cuda", "cuda:N")},

@@ -302,7 +302,10 @@ def classify_images(
             "--bank, or pass the backbone weights it was fine-tuned from to vote with a bank"
         )
     if clf is None and bank is None:
-        raise DinoError("--bank is needed: a folder with one subfolder of images per class")
+        raise DinoError(
+            "--bank is needed with backbone weights: a folder with one subfolder of labeled "
+            "images per class (only a classifier of `dino finetune` labels images without one)"
+        )
     refuse_existing(output, "--output")
     dev = resolve_device(device)
     head = classifier_head(clf) if clf is not None else None

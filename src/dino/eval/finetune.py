@@ -129,8 +129,9 @@ def schedule(peak: float, progress: float, warmup: float) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def finetune_transform(view: EvalView) -> v2.Compose:
-    """Random resized crop (bicubic), flip and RandAugment (2 ops, magnitude 9), normalized."""
+def finetune_transform(view: EvalView, randaugment: int = 9) -> v2.Compose:
+    """Random resized crop (bicubic), flip and RandAugment (2 ops of magnitude ``randaugment``
+    out of 30; 0: none), normalized."""
     return v2.Compose(
         [
             v2.ToImage(),
@@ -138,7 +139,7 @@ def finetune_transform(view: EvalView) -> v2.Compose:
                 view.crop, scale=(0.25, 1.0), interpolation=InterpolationMode.BICUBIC
             ),
             v2.RandomHorizontalFlip(),
-            v2.RandAugment(num_ops=2, magnitude=9),
+            *([v2.RandAugment(num_ops=2, magnitude=randaugment)] if randaugment else []),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(view.mean, view.std),
         ]
@@ -175,7 +176,7 @@ def classifier_config(model: nn.Module, view: EvalView, data: str) -> dict[str, 
     return {"model": m, "data": d}
 
 
-def finetune(
+def finetune_backbone(
     backbone: nn.Module | str | Path,
     data: str = "fashion-mnist",
     output_dir: str | Path = "finetune",
@@ -190,6 +191,7 @@ def finetune(
     drop_path: float = 0.1,
     label_smoothing: float = 0.1,
     warmup: float = 0.1,
+    randaugment: int = 9,
     labels_per_class: int = 0,
     label_seed: int = 0,
     resume: bool = False,
@@ -215,6 +217,7 @@ def finetune(
         layer_decay: layer-wise decay of the learning rate (1: none).
         weight_decay, drop_path, label_smoothing: regularization.
         warmup: the fraction of training spent warming the learning rate up.
+        randaugment: RandAugment's magnitude (0-30; 0: crops and flips only).
         labels_per_class, label_seed: train on N seeded images per class (0: all).
         resume: continue from ``output_dir/checkpoint.pth``.
         subset: only the first N images of each split (0: all).
@@ -227,6 +230,7 @@ def finetune(
         ("layer_decay", layer_decay, "(0, 1]"),
         ("drop_path", drop_path, "[0, 1)"),
         ("warmup", warmup, "[0, 1)"),
+        ("randaugment", randaugment, "[0, 30]"),
         ("labels_per_class", labels_per_class, "[0, inf)"),
     ):
         check_value(f"--{name.replace('_', '-')}", value, valid)
@@ -255,7 +259,7 @@ def finetune(
         "view": view.to_dict(),
         **dict(epochs=epochs, time_budget=time_budget, batch_size=batch_size, lr=lr),
         **dict(layer_decay=layer_decay, weight_decay=weight_decay, drop_path=drop_path),
-        **dict(label_smoothing=label_smoothing, warmup=warmup, seed=seed),
+        **dict(label_smoothing=label_smoothing, warmup=warmup, randaugment=randaugment, seed=seed),
     }
     expected = input_of(train)
     record = {"kind": CLASSIFIER_KIND, "classes": names, "input": expected}
@@ -272,7 +276,7 @@ def finetune(
     out.mkdir(parents=True, exist_ok=True)
     steps = -(-len(train) // batch_size)
     total = epochs * steps
-    dataset = with_transform(train, finetune_transform(view), seed)
+    dataset = with_transform(train, finetune_transform(view, randaugment), seed)
 
     def progress() -> float:
         return state["used"] / time_budget if time_budget else state["step"] / total
