@@ -2,8 +2,8 @@
 
 * ``stripes``: horizontal against vertical stripes at a random phase and brightness, so that no
   single pixel tells the class;
-* ``halves``: the top half brighter against the bottom half brighter, which even an untrained
-  network's features separate, and fine-tuning learns in a few steps.
+* ``levels``: dim against bright noise (overlapping ranges of pixel values): what a [CLS]
+  token tells apart from the start, so that a few steps of fine-tuning learn it.
 
 Written as ``root/train/<class>/*.png`` and ``root/val/<class>/*.png`` (the layout of
 ``--data``); ``root/train`` alone is a ``dino classify --bank``.
@@ -16,16 +16,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-KINDS = {"stripes": ("horizontal", "vertical"), "halves": ("top", "bottom")}
+KINDS = {"stripes": ("horizontal", "vertical"), "levels": ("dim", "bright")}
 
 
 def picture(kind: str, rng: np.random.Generator, size: int = 16, mode: str = "L") -> Image.Image:
     """One picture of class ``kind`` (one of the :data:`KINDS`' classes)."""
+    if kind in KINDS["levels"]:
+        low = 60 if kind == "dim" else 110
+        a = rng.integers(low, low + 90, (size, size)).astype(np.float64)
+        return Image.fromarray(a.astype(np.uint8), "L").convert(mode)
     a = rng.integers(0, 50, (size, size)).astype(np.float64)
     on = (np.arange(size) + rng.integers(0, 4)) % 4 < 2  # stripes 2 px wide, 2 px apart
-    half = np.arange(size) < size // 2
-    rows = {"horizontal": on, "top": half, "bottom": ~half}
-    region = (rows[kind], slice(None)) if kind in rows else (slice(None), on)
+    region = (on, slice(None)) if kind == "horizontal" else (slice(None), on)
     a[region] += rng.uniform(120, 200)
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert(mode)
 
