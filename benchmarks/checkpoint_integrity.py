@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import RESULTS_DIR, interleave, stamp  # noqa: E402
 
 from dino.atomic_files import atomic_write, load_torch, save_torch  # noqa: E402
-from dino.config import load_config  # noqa: E402
+from dino.config_load import load_config  # noqa: E402
 from dino.training.networks import build_networks  # noqa: E402
 
 

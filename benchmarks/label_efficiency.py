@@ -14,12 +14,19 @@ the same labeled images, and against k-NN on raw pixels.
   that is its wall time on an idle machine, and it does not depend on what else runs on a shared
   one), measured the same way here; or ``--seconds`` of CPU time.
 * **raw pixels**: weighted k-NN on the flattened eval view (normalized pixels), same banks.
+* **DINO + fine-tuning / random init + fine-tuning** (with ``--finetune-seconds S``): ``dino
+  finetune`` (:func:`dino.eval.finetune.finetune_backbone`: AdamW, warm-up + cosine, label
+  smoothing, drop path, RandAugment) of the run's teacher backbone, and of the same network
+  randomly initialized, each for ``S`` seconds of this process's CPU time on the same seeded
+  subsets (``--finetune-seeds``); layer-wise lr decay 0.65 from DINO, none (1.0) from random
+  weights, where no layer holds anything worth keeping.
 
 The mean over the label seeds is shown with the standard deviation (``±``); the supervised
 baseline runs once per seed in ``--supervised-seeds`` (each costs the DINO run's wall time).
 
     python benchmarks/label_efficiency.py --run runs/fmnist
     python benchmarks/label_efficiency.py --run runs/fmnist --seconds 300 --supervised-seeds 0
+    python benchmarks/label_efficiency.py --run runs/fmnist --finetune-seconds 600
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +51,12 @@ from dino.data.datasets import TensorImages
 from dino.data.tensor_aug import TensorMultiCrop
 from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from dino.eval.api import knn_eval
+from dino.eval.finetune import finetune_backbone
 from dino.eval.labels import labeled_subset, mean_spread
 from dino.eval.linear import linear_probe_seeds
 from dino.eval.views import eval_batches, num_classes, open_labeled, resolve_view
 from dino.models.backbones import build_backbone
+from dino.models.weights import load_backbone
 from dino.training.optim import param_groups
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,6 +152,19 @@ def fmt(stats: dict[str, float] | None) -> str:
     return f"{stats['mean']:.2f}"
 
 
+def finetune_top1(
+    run: Path, weights: Path | str, data: str, n: int, seed: int, decay: float, args: Any
+) -> float:
+    """Top-1 of ``dino finetune`` of ``weights`` (the run's, or ``random`` shaped like it) on
+    ``n`` labels per class (0: all) of subset ``seed``, for ``--finetune-seconds`` of CPU time."""
+    backbone = load_backbone(weights, like=run if weights == "random" else None, seed=seed)
+    with tempfile.TemporaryDirectory() as out:
+        res = finetune_backbone(backbone, data, out, time_budget=args.finetune_seconds,
+                                lr=args.finetune_lr, layer_decay=decay, labels_per_class=n,
+                                label_seed=seed, seed=seed, device=args.device)  # fmt: skip
+    return float(res["top1"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a `dino train` run folder")
@@ -158,6 +181,10 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-supervised", action="store_true")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--finetune-seconds", type=float, default=0.0,
+                    help="CPU time of each fine-tuning run (0: no fine-tuning rows)")  # fmt: skip
+    ap.add_argument("--finetune-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
     args = ap.parse_args()
 
     run = Path(args.run)
@@ -191,17 +218,25 @@ def main() -> None:
                 sup.append(supervised(cfg, subset, val, seconds, s, device))
             row["supervised"] = {**mean_spread([r["top1"] for r in sup]), "n": len(sup),
                                  "runs": sup}  # fmt: skip
+        if args.finetune_seconds:
+            seeds = args.finetune_seeds if n else [args.finetune_seeds[0]]
+            for name, weights, decay in (("dino_finetune", run, 0.65),
+                                         ("random_finetune", "random", 1.0)):  # fmt: skip
+                tops = [finetune_top1(run, weights, data, n, s, decay, args) for s in seeds]
+                row[name] = {**mean_spread(tops), "n": len(tops)}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     header = (
         "| labels per class | DINO k-NN | DINO linear | supervised from scratch | raw-pixel k-NN |"
     )
-    lines = [header, "| --- | --- | --- | --- | --- |"]
+    tuned = " DINO + fine-tuning | random init + fine-tuning |" if args.finetune_seconds else ""
+    lines = [header + tuned, "| --- | --- | --- | --- | --- |" + " --- | --- |" * bool(tuned)]
     for r in rows:
         lines.append(
             f"| {r['labels_per_class']} | {fmt(r['dino_knn'])} | {fmt(r['dino_linear'])} | "
             f"{fmt(r.get('supervised'))} | {fmt(r['pixel_knn'])} |"
+            + (f" {fmt(r['dino_finetune'])} | {fmt(r['random_finetune'])} |" if tuned else "")
         )
     print("\n".join(lines))
     if not args.no_save:
@@ -213,6 +248,11 @@ def main() -> None:
             "label_seeds": args.label_seeds,
             "supervised_seeds": args.supervised_seeds,
             "linear": {"epochs": args.linear_epochs, "lr": args.linear_lr, "cached": True},
+            "finetune": {
+                "cpu_seconds": args.finetune_seconds,
+                "seeds": args.finetune_seeds,
+                "lr": args.finetune_lr,
+            },  # fmt: skip
             "rows": rows,
             "table": lines,
         }

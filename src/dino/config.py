@@ -27,6 +27,8 @@ from dino.value_checks import setting
 #: the training run's k-NN, of ``dino knn`` and of :func:`dino.eval.neighbors.weighted_knn`.
 KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
+#: The paper's headline k-NN setting: k = 20 neighbours vote.
+KNN_HEADLINE_K = 20
 #: Declares a field: default, help text and valid values (the name keeps the schema short).
 _f = setting
 
@@ -99,6 +101,13 @@ class ModelConfig:
         "folder or checkpoint file, or timm:<name> for timm's pretrained weights "
         "(timm:vit_small_patch16_224.augreg_in21k). Use it to continue pretraining on your own "
         "images; lower --lr and --warmup-epochs then. Empty: random initialization.",
+        on_resume="fixed",
+    )
+    new_head: bool = _f(
+        False,
+        "with --init of a full checkpoint (a run folder, ours or the reference's full "
+        "checkpoint): start a new random DINO head and loss center instead of loading the "
+        "checkpoint's (loaded by default when their shapes fit).",
         on_resume="fixed",
     )
 

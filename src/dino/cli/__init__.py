@@ -13,9 +13,11 @@ import sys
 
 from dino.cli import (
     check_run,
+    classify,
     copy_detection,
     evaluate,
     export,
+    finetune,
     retrieval,
     segment,
     track,
@@ -30,6 +32,8 @@ COMMAND_MODULES = [
     train,
     check_run,
     evaluate,
+    classify,
+    finetune,
     track,
     retrieval,
     copy_detection,

@@ -253,13 +253,23 @@ FLAG_VALUES: dict[str, dict[str, Any]] = {
     "threshold": {"range": "(0, 1]"},
     "images": {"range": "[0, inf)"},
     "nproc": {"range": "[1, inf)"},
+    "time_budget": {"range": "[0, inf)"},
+    "layer_decay": {"range": "(0, 1]"},
+    "weight_decay": {"range": "[0, inf)"},
+    "drop_path": {"range": "[0, 1)"},
+    "label_smoothing": {"range": "[0, 1)"},
+    "warmup": {"range": "[0, 1)"},
+    "randaugment": {"range": "[0, 30]"},
+    "labels_per_class": {"range": "[0, inf)"},
+    "label_seed": {"range": "[0, 4294967295]"},
     "device": {"choices": ("auto", "cpu", "cuda", "cuda:N")},
 }
 COMMAND_FLAG_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "attention": {"image_size": {"range": "[0, 8192]"}},  # 0 keeps the image's size
+    "classify": {"k": {"range": "[1, inf)"}},  # one k: the vote's
 }
 #: Output flags that name a file; every other ``output`` / ``output_dir`` names a folder.
-FILE_OUTPUTS = {("knn", "output"), ("check-data", "output")}
+FILE_OUTPUTS = {("knn", "output"), ("check-data", "output"), ("classify", "output")}
 
 
 def check_flags(args: argparse.Namespace) -> None:

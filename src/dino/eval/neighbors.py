@@ -13,6 +13,26 @@ import torch.nn.functional as F
 from dino.config import KNN_KS, KNN_TEMPERATURE
 
 
+def votes(
+    sims: torch.Tensor,
+    idx: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    temperature: float = KNN_TEMPERATURE,
+) -> torch.Tensor:
+    """``[Q, classes]``: each class's summed vote weights ``exp(sim / T)`` over the neighbours
+    ``idx`` (bank rows, ``[Q, k]``) with similarities ``sims``."""
+    out = torch.zeros(sims.shape[0], num_classes, device=sims.device)
+    return out.scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+
+
+@torch.no_grad()
+def nearest(bank: torch.Tensor, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities ``[Q, k]`` (largest first) and bank rows of the ``k`` nearest bank
+    features of each query; both inputs L2-normalized."""
+    return (query @ bank.T).topk(k, dim=1)
+
+
 @torch.no_grad()
 def weighted_knn(
     bank: torch.Tensor,
@@ -43,13 +63,10 @@ def weighted_knn(
     for start in range(0, query.shape[0], chunk):
         q = query[start : start + chunk].to(bank.device)
         y = query_labels[start : start + chunk]
-        sims, idx = (q @ bank.T).topk(kmax, dim=1)  # sorted, largest first
-        weights = (sims / temperature).exp()
-        neighbors = bank_labels[idx]  # [b, kmax]
+        sims, idx = nearest(bank, q, kmax)
         for k in ks:
-            votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
-            votes.scatter_add_(1, neighbors[:, :k], weights[:, :k])
-            top = votes.topk(min(5, num_classes), dim=1).indices
+            v = votes(sims[:, :k], idx[:, :k], bank_labels, num_classes, temperature)
+            top = v.topk(min(5, num_classes), dim=1).indices
             correct[k][0] += int((top[:, 0] == y).sum())
             correct[k][1] += int((top == y[:, None]).any(1).sum())
     n = query.shape[0]

@@ -239,6 +239,7 @@ def state_dict(t: Trainer) -> dict[str, Any]:
         "rng": rng_state(),
         "bad_files": t.bad_files.paths,
         "knn_history": t.knn_history,
+        "knn_start": t.knn_start,
         "monitor": t.monitor.state_dict(),
         "images": len(t.data.train),
     }
@@ -270,6 +271,7 @@ def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
     t.iteration = int(s["iteration"])
     t.bad_files.paths = list(s.get("bad_files", []))
     t.knn_history = list(s.get("knn_history", []))
+    t.knn_start = s.get("knn_start")
     if "monitor" in s:
         t.monitor.load_state_dict(s["monitor"])
     old_world = int(s.get("world_size", 1))

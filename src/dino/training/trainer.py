@@ -40,6 +40,7 @@ from dino.training.additions import Additions
 from dino.training.bad_files import BadFiles
 from dino.training.batches import Batches
 from dino.training.distributed import Dist, max_over_ranks, setup_distributed, sync_batchnorm
+from dino.training.init_from import against_start, init_head_and_center, log_start
 from dino.training.knn import teacher_knn
 from dino.training.memory import check_memory
 from dino.training.metrics import MetricsFile
@@ -105,6 +106,9 @@ class Trainer:
             cfg.loss.center_momentum,
             cfg.loss.centering,
         ).to(self.device)
+        if resume_state is None:  # continued pretraining (--init): DINO head and loss center
+            init_head_and_center(self.student, self.teacher, self.loss_fn, cfg.model)
+        self.knn_start: dict[str, Any] | None = None  # k-NN of the --init weights
         self.additions = Additions(cfg, self.d.rank, self.device)  # DINOv2's KoLeo and iBOT
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
@@ -226,6 +230,8 @@ class Trainer:
         t_start, cpu_start = time.time(), time.process_time()
         bar: tqdm | None = None
         try:
+            if cfg.model.init and self.iteration == 0 and self.knn_start is None:
+                self.knn_start = log_start(self.knn(), metrics)
             evaluated = {int(h["epoch"]) for h in self.knn_history}
             if (
                 0 < start_epoch < cfg.optim.epochs
@@ -320,6 +326,7 @@ class Trainer:
         if d.main:
             results["knn"] = knn
             results["knn_history"] = self.knn_history
+            results["knn_start"] = self.knn_start  # of the --init weights (None without)
             results["bad_files"] = len(self.bad_files.paths)
             text = json.dumps(results, indent=2)
             atomic_write(self.run_dir / "results.json", lambda f: f.write(text.encode()))
@@ -424,6 +431,7 @@ class Trainer:
                     "epoch": epoch,
                     "knn": knn,
                     "knn_top1_k20": k20["top1"],
+                    **against_start(knn, self.knn_start),
                 }
             )
         return knn
