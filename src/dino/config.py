@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from dino.devices import DEVICE_CHOICES
 from dino.errors import DinoError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -394,8 +395,8 @@ class RunConfig:
     )
     device: str = _f(
         "auto",
-        "cpu, cuda, cuda:N, or auto (CUDA when available).",
-        choices=("auto", "cpu", "cuda", "cuda:N"),
+        "cpu, cuda, cuda:N, mps (Apple GPUs), or auto (CUDA when available).",
+        choices=DEVICE_CHOICES,
         on_resume="free",
     )
     precision: str = _f(

@@ -11,12 +11,34 @@ import argparse
 import logging
 import sys
 
-from dino.cli import copy_detection, evaluate, export, retrieval, segment, track, train, visualize
+from dino.cli import (
+    cluster,
+    copy_detection,
+    duplicates,
+    evaluate,
+    export,
+    retrieval,
+    segment,
+    track,
+    train,
+    visualize,
+)
 from dino.cli.flags import OneLineParser, check_flags
 from dino.errors import DinoError
 
 #: The command modules, in the order ``dino --help`` lists their commands.
-COMMAND_MODULES = [train, evaluate, track, retrieval, copy_detection, visualize, segment, export]
+COMMAND_MODULES = [
+    train,
+    evaluate,
+    track,
+    retrieval,
+    copy_detection,
+    cluster,
+    duplicates,
+    visualize,
+    segment,
+    export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

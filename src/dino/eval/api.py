@@ -10,8 +10,6 @@ source (a folder or ``"fashion-mnist"``) and returns plain dicts that the comman
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import sys
@@ -25,10 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 from dino.config import check_value
-from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, builtin_split, decode_bad
 from dino.devices import resolve_device
 from dino.errors import DinoError
-from dino.eval.features import extract, loader_batches
+from dino.eval.features import extract
+from dino.eval.folder_features import extract_to_files, open_images
 from dino.eval.labels import (
     check_label_args,
     labels_array,
@@ -37,15 +35,15 @@ from dino.eval.labels import (
     take,
 )
 from dino.eval.neighbors import weighted_knn
+from dino.eval.outputs import write_csv, write_json
+from dino.eval.patch_features import vit_patch_size
 from dino.eval.views import (
     Data,
     EvalView,
     eval_batches,
-    eval_transform,
     num_classes,
     open_labeled,
     resolve_view,
-    with_transform,
 )
 from dino.models.weights import load_backbone
 
@@ -202,12 +200,17 @@ def extract_features(
     batch_size: int = 128,
     num_workers: int = 0,
     device: str = "auto",
+    patch_tokens: bool = False,
 ) -> dict[str, Any]:
     """Features of every image of a folder (or a split of the built-in data) to files.
 
-    Writes into ``output_dir``: ``features.npy`` (float32 ``[N, D]``), ``index.csv`` (row,
+    Writes into ``output_dir``: ``features.npy`` (float32 ``[N, D]``), with ``patch_tokens``
+    also ``patch_tokens.npy`` (float16 ``[N, h, w, D]``: the last block's patch tokens after the
+    final norm, on the ``h x w`` patch grid of the eval crop; ViTs only), ``index.csv`` (row,
     path, label, class of each feature row; label -1 without class folders) and ``meta.json``
-    (weights, view, counts, unreadable files, which are left out).
+    (weights, view, counts, unreadable files, which are left out). Both ``.npy`` files are
+    written batch by batch through memory maps, and can be read the same way
+    (``np.load(path, mmap_mode="r")``).
 
     Args:
         backbone: a module or weights for :func:`dino.load_backbone`.
@@ -216,67 +219,43 @@ def extract_features(
         view: the eval view (default: :func:`dino.eval.views.resolve_view`).
         split: ``train`` or ``test``, for the built-in data set only.
         batch_size, num_workers, device: as for :func:`knn_eval`.
+        patch_tokens: also write the patch tokens.
 
     Returns the contents of ``meta.json`` plus the paths written.
     """
     dev = resolve_device(device)
     model = as_backbone(backbone, dev)
+    if patch_tokens:
+        vit_patch_size(model, "--patch-tokens")
     view = view or resolve_view(data, run_config_of(model))
-    if data in BUILTIN:
-        if split not in ("train", "test"):
-            raise DinoError(f"--split must be train or test for {data}, got {split!r}")
-        ds: Data = builtin_split(data, split)
-        paths = [f"{data}/{split}/{i}" for i in range(len(ds))]
-    else:
-        ds = ImageFiles(data)
-        paths = list(ds.files)
-    classes = list(ds.classes)
+    source = open_images(data, split)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bar = _bar(len(ds), "features")
-    feats, labels, bad = [], [], []
-    keep = np.ones(len(ds), dtype=bool)
-    with torch.no_grad():
-        if isinstance(ds, TensorImages):
-            for x, y in eval_batches(ds, view, batch_size, num_workers, dev):
-                feats.append(model(x).float().cpu())
-                labels.append(y.cpu())
-                bar.update(x.shape[0])
-        else:
-            dataset = with_transform(ds, eval_transform(view))
-            start = 0
-            for x, y, bad_paths in loader_batches(dataset, batch_size, num_workers, dev):
-                feats.append(model(x).float().cpu())
-                labels.append(torch.as_tensor(y))
-                for j, b in enumerate(bad_paths):
-                    # an unreadable image was replaced by the next readable one: drop its row
-                    if b and paths[start + j] in {path for path, _ in decode_bad([b])}:
-                        keep[start + j] = False
-                        bad.append(paths[start + j])
-                start += x.shape[0]
-                bar.update(x.shape[0])
-    bar.close()
-    features = torch.cat(feats).numpy()[keep]
-    label_arr = torch.cat(labels).numpy()[keep]
-    kept_paths = [p for p, k in zip(paths, keep, strict=True) if k]
-    np.save(out / "features.npy", features.astype(np.float32))
-    with open(out / "index.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["row", "path", "label", "class"])
-        for i, (p, y) in enumerate(zip(kept_paths, label_arr, strict=True)):
-            w.writerow([i, p, int(y), classes[int(y)] if 0 <= int(y) < len(classes) else ""])
+    labels, keep, shapes = extract_to_files(
+        model, source, view, out, batch_size, num_workers, dev, patch_tokens
+    )
+    classes = source.classes
+    bad = [p for p, k in zip(source.paths, keep, strict=True) if not k]
+    rows = []
+    for p, y in zip(source.paths, labels, strict=True):
+        rows.append([p, int(y), classes[int(y)] if 0 <= int(y) < len(classes) else ""])
+    kept = [[i, *r] for i, r in enumerate(r for r, k in zip(rows, keep, strict=True) if k)]
+    write_csv(out / "index.csv", ["row", "path", "label", "class"], kept)
     info = getattr(model, "weights_info", None)
+    n, dim = shapes["features.npy"]
     meta: dict[str, Any] = {
         "weights": info.source if info else None,
         "arch": info.arch if info else None,
         "data": data,
-        "count": int(features.shape[0]),
-        "feature_dim": int(features.shape[1]) if features.ndim == 2 else 0,
+        "count": int(n),
+        "feature_dim": int(dim),
         "classes": classes,
         "view": view.to_dict(),
         "unreadable": bad,
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    if patch_tokens:
+        meta["patch_tokens"] = {"shape": list(shapes["patch_tokens.npy"]), "dtype": "float16"}
+    write_json(out / "meta.json", meta)
     if bad:
         log.warning("%d unreadable images left out (listed in %s)", len(bad), out / "meta.json")
     meta["files"] = {
@@ -284,4 +263,6 @@ def extract_features(
         "index": str(out / "index.csv"),
         "meta": str(out / "meta.json"),
     }
+    if patch_tokens:
+        meta["files"]["patch_tokens"] = str(out / "patch_tokens.npy")
     return meta

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
 from dino.data.datasets import BadImage, load_image
 from dino.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.errors import DinoError
+from dino.viz.sheets import panel, sheet
 
 #: Anchor colors of the heat-map color scale (dark blue -> purple -> orange -> light yellow).
 _COLORS = np.array(
@@ -188,16 +189,6 @@ def _overlay(picture: Image.Image, masks: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
 
 
-def _panel(img: Image.Image, title: str, height: int) -> Image.Image:
-    w, h = img.size
-    width = max(1, round(w * height / h))
-    body = img.resize((width, height), Image.Resampling.NEAREST)
-    panel = Image.new("RGB", (max(width, 60), height + 14), (255, 255, 255))
-    panel.paste(body, (0, 14))
-    ImageDraw.Draw(panel).text((2, 1), title, fill=(0, 0, 0))
-    return panel
-
-
 def overview(
     picture: Image.Image,
     attention: np.ndarray,
@@ -208,27 +199,12 @@ def overview(
     """One picture: original | each head's map | mean map | mask overlay, in rows of panels."""
     heads = [Image.fromarray(colorize(_upsample(a, picture.size))) for a in attention]
     mean = Image.fromarray(colorize(_upsample(attention.mean(0), picture.size)))
-    panels = [_panel(picture, "image", panel_height)]
-    panels += [_panel(im, f"head {i}", panel_height) for i, im in enumerate(heads)]
-    panels.append(_panel(mean, "mean", panel_height))
-    panels.append(_panel(_overlay(picture, masks), "masks", panel_height))
+    panels = [panel(picture, "image", panel_height)]
+    panels += [panel(im, f"head {i}", panel_height) for i, im in enumerate(heads)]
+    panels.append(panel(mean, "mean", panel_height))
+    panels.append(panel(_overlay(picture, masks), "masks", panel_height))
     columns = max(1, min(columns, len(panels)))
-    return _rows([panels[i : i + columns] for i in range(0, len(panels), columns)])
-
-
-def _rows(panels: list[list[Image.Image]], pad: int = 4) -> Image.Image:
-    """One white sheet of rows of panels, ``pad`` px apart and from the edges."""
-    width = max(sum(p.width for p in row) + pad * (len(row) + 1) for row in panels)
-    height = sum(max(p.height for p in row) + pad for row in panels) + pad
-    sheet = Image.new("RGB", (width, height), (255, 255, 255))
-    y = pad
-    for row in panels:
-        x = pad
-        for p in row:
-            sheet.paste(p, (x, y))
-            x += p.width + pad
-        y += max(p.height for p in row) + pad
-    return sheet
+    return sheet([panels[i : i + columns] for i in range(0, len(panels), columns)])
 
 
 def default_image_size(run_config: dict | None) -> int:

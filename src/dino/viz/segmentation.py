@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from dino.eval.segmentation import Segmentation
-from dino.viz.attention import _overlay, _panel, _rows, _upsample, colorize
+from dino.viz.attention import _overlay, _upsample, colorize
 from dino.viz.pca import foreground_picture, mask_picture, pca_picture
+from dino.viz.sheets import panel, sheet
 
 
 def segment_panels(
@@ -26,16 +27,16 @@ def segment_panels(
     size = picture.size
     att = seg.attention[i].numpy()
     masks = seg.masks[i].numpy()
-    panels = [_panel(picture, "image", height)]
+    panels = [panel(picture, "image", height)]
     if truth is not None:
-        panels.append(_panel(mask_picture(truth, size), "true mask", height))
+        panels.append(panel(mask_picture(truth, size), "true mask", height))
     for h in range(att.shape[0]):
         heat = Image.fromarray(colorize(_upsample(att[h], size)))
-        panels.append(_panel(heat, f"head {h}", height))
-    panels.append(_panel(_overlay(picture, masks), "60% masks", height))
-    panels.append(_panel(pca_picture(seg.pca_rgb[i], size), "PCA", height))
+        panels.append(panel(heat, f"head {h}", height))
+    panels.append(panel(_overlay(picture, masks), "60% masks", height))
+    panels.append(panel(pca_picture(seg.pca_rgb[i], size), "PCA", height))
     fg = foreground_picture(seg.pca_rgb[i], seg.pca_mask[i], size)
-    panels.append(_panel(fg, "PCA foreground", height))
+    panels.append(panel(fg, "PCA foreground", height))
     return panels
 
 
@@ -50,7 +51,7 @@ def segmentation_sheet(
         segment_panels(p, seg, i, None if truths is None else truths[i], height)
         for i, p in enumerate(pictures)
     ]
-    return _rows(rows)
+    return sheet(rows)
 
 
 def save_segmentation(
@@ -83,7 +84,7 @@ def save_segmentation(
     save(foreground_picture(seg.pca_rgb[i], seg.pca_mask[i], size), "pca-foreground.png")
     if truth is not None:
         save(mask_picture(truth, size).convert("L"), "true-mask.png")
-    save(_rows([segment_panels(picture, seg, i, truth)]), "overview.png")
+    save(sheet([segment_panels(picture, seg, i, truth)]), "overview.png")
     np.save(out / "attention.npy", att.astype(np.float32))
     written.append(out / "attention.npy")
     return written
