@@ -113,7 +113,7 @@ def hf_model_files(model: nn.Module, size: int) -> tuple[dict[str, Any], dict[st
             **common,
             "model_type": "dinov2_with_registers",
             "architectures": ["Dinov2WithRegistersModel"],
-            "mlp_ratio": model.blocks[0].mlp.fc1.weight.shape[0] / dim,
+            "mlp_ratio": int(block.mlp.fc1.weight.shape[0]) // dim,
             "layerscale_value": 1.0,
             "use_swiglu_ffn": False,
             "num_register_tokens": registers,
