@@ -69,23 +69,25 @@ def main() -> None:
         from sklearn.cluster import MiniBatchKMeans
 
         km = MiniBatchKMeans(args.k, batch_size=4096, max_iter=args.iters, n_init=1,
-                             max_no_improvement=None, random_state=0)  # fmt: skip
+                             max_no_improvement=None, tol=0, random_state=0)  # fmt: skip
         return km.fit(x).cluster_centers_
 
-    rows = []
+    rows: list[dict] = []
     for name, fn in [
         ("faiss-cpu Kmeans", faiss_kmeans),
-        ("scikit-learn KMeans", sklearn_kmeans),
         ("scikit-learn MiniBatchKMeans", sklearn_minibatch),
+        ("scikit-learn KMeans", sklearn_kmeans),
     ]:
         t = time.perf_counter()
         c = fn()
         dt = time.perf_counter() - t
         rows.append({"library": name, "seconds": round(dt, 2), "inertia": round(inertia(x, c), 1)})
+        rows[-1]["time_vs_faiss"] = round(dt / rows[0]["seconds"], 2)
         print(rows[-1], flush=True)
-    base = rows[0]["seconds"]
-    for r in rows:
-        r["time_vs_faiss"] = round(r["seconds"] / base, 2)
+        save(args, load, rows)  # each library's row as soon as it is measured
+
+
+def save(args: argparse.Namespace, load: float, rows: list[dict]) -> None:
     result = {
         "what": f"k-means of {args.n} x {args.dim} L2-normalized features into k={args.k}, "
         f"{args.iters} iterations, one start",
@@ -98,7 +100,6 @@ def main() -> None:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
