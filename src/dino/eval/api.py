@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dino.config import check_value
 from dino.devices import resolve_device
 from dino.errors import DinoError
 from dino.eval.features import extract
-from dino.eval.folder_features import extract_to_files, open_images
+from dino.eval.folder_features import extract_to_files, open_images, progress
 from dino.eval.labels import (
     check_label_args,
     labels_array,
@@ -65,10 +63,6 @@ def run_config_of(backbone: nn.Module) -> dict | None:
     return info.run_config if info is not None else None
 
 
-def _bar(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty())
-
-
 def features_of(
     backbone: nn.Module,
     data: Data,
@@ -81,7 +75,7 @@ def features_of(
     """[CLS] (or pooled) features ``[N, D]`` (float32, CPU) and labels of every image of
     ``data`` through the eval view, in dataset order."""
     device = torch.device(device)
-    bar = _bar(len(data), desc)
+    bar = progress(len(data), desc)
     try:
         batches = eval_batches(data, view, batch_size, num_workers, device)
         return extract(backbone, batches, progress=bar.update)

@@ -120,6 +120,7 @@ def feature_batches(
 
 
 def progress(total: int, desc: str = "features") -> tqdm:
+    """A progress bar over ``total`` images (shown on a terminal only)."""
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty())
 
 
