@@ -46,7 +46,7 @@ def test_device_selection() -> None:
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_training_steps_on_the_gpu(tmp_path, precision) -> None:
-    """fp16 runs with the GradScaler (bf16 and fp32 without): finite, falling losses."""
+    """fp16 runs with the GradScaler (bf16 and fp32 without): finite losses, a checkpoint."""
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("no bf16 on this GPU")
     run = tmp_path / "run"
