@@ -44,6 +44,7 @@ def main() -> None:
     source = open_images("fashion-mnist", "test")
     labels = source.data.labels.numpy()
     rows = {}
+    progress = run_progress(args.weights)  # of the checkpoint loaded next
     trained = dino.load_backbone(args.weights)
     for name, model in [
         ("run", trained),
@@ -61,7 +62,7 @@ def main() -> None:
     result = {
         "what": f"k-means (k={args.k}) of Fashion-MNIST test, purity and NMI against the classes",
         "weights": args.weights,
-        "run_progress": run_progress(args.weights),
+        "run_progress": progress,
         "arch": trained.weights_info.arch,
         "machine": f"{cpu_model()}, {cpu_cores()} cores, shared with other jobs",
         "load_average": round(os.getloadavg()[0], 2),

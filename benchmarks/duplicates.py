@@ -110,6 +110,7 @@ def main() -> None:
         root.mkdir()
         truth = {frozenset(p) for p in make_folder(root, args.distinct, args.copies)}
         load = os.getloadavg()[0]
+        progress = run_progress(args.weights)  # of the checkpoint loaded next
         t0 = time.perf_counter()
         model = dino.load_backbone(args.weights, **kwargs)
         source = open_images(str(root))
@@ -132,7 +133,7 @@ def main() -> None:
         "what": f"{args.distinct} distinct Fashion-MNIST test images + {args.copies} edited "
         f"copies ({', '.join(EDITS)} in turn), 28 px eval view",
         "weights": args.weights,
-        "run_progress": run_progress(args.weights),
+        "run_progress": progress,
         "machine": f"{cpu_model()}, {cpu_cores()} cores, shared with other jobs (timings under "
         "load)",
         "load_average_start": round(load, 2),

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--true-k", type=int, default=200)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--output", default=str(RESULTS_DIR / "kmeans_200k.json"))
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per library at most")
+    ap.add_argument("--library", help=argparse.SUPPRESS)
     args = ap.parse_args()
     x = features(args.n, args.dim, args.true_k)
     load = os.getloadavg()[0]
@@ -72,18 +76,30 @@ def main() -> None:
                              max_no_improvement=None, tol=0, random_state=0)  # fmt: skip
         return km.fit(x).cluster_centers_
 
-    rows: list[dict] = []
-    for name, fn in [
-        ("faiss-cpu Kmeans", faiss_kmeans),
-        ("scikit-learn MiniBatchKMeans", sklearn_minibatch),
-        ("scikit-learn KMeans", sklearn_kmeans),
-    ]:
+    libraries = {
+        "faiss-cpu Kmeans": faiss_kmeans,
+        "scikit-learn MiniBatchKMeans": sklearn_minibatch,
+        "scikit-learn KMeans": sklearn_kmeans,
+    }
+    if args.library:  # one library, in this process: time and inertia as JSON
         t = time.perf_counter()
-        c = fn()
+        c = libraries[args.library]()
         dt = time.perf_counter() - t
-        rows.append({"library": name, "seconds": round(dt, 2), "inertia": round(inertia(x, c), 1)})
-        rows[-1]["time_vs_faiss"] = round(dt / rows[0]["seconds"], 2)
-        print(rows[-1], flush=True)
+        print(json.dumps({"library": args.library, "seconds": round(dt, 2),
+                          "inertia": round(inertia(x, c), 1)}))  # fmt: skip
+        return
+    rows: list[dict] = []
+    for name in libraries:  # each in a fresh process: faiss's and scikit-learn's OpenMP
+        cmd = [sys.executable, __file__, "--library", name, *sys.argv[1:]]  # runtimes apart
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            row = {"library": name, "seconds": None, "note": f"stopped after {args.timeout} s"}
+        if rows and rows[0]["seconds"] and row["seconds"]:
+            row["time_vs_faiss"] = round(row["seconds"] / rows[0]["seconds"], 2)
+        rows.append(row)
+        print(row, flush=True)
         save(args, load, rows)  # each library's row as soon as it is measured
 
 
