@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 #: The default cosine similarity from which two images count as near-duplicates.
-DEFAULT_THRESHOLD = 0.95
+DEFAULT_THRESHOLD = 0.93
 #: Rows of the similarity computed at once (memory: ``BLOCK x N`` floats).
 BLOCK = 1024
 
