@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from dino.devices import DEVICE_CHOICES
 from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.value_checks import setting
 
@@ -327,8 +328,8 @@ class RunConfig:
     )
     device: str = _f(
         "auto",
-        "cpu, cuda, cuda:N, or auto (CUDA when available).",
-        choices=("auto", "cpu", "cuda", "cuda:N"),
+        "cpu, cuda, cuda:N, mps (Apple GPUs), or auto (CUDA when available).",
+        choices=DEVICE_CHOICES,
         on_resume="free",
     )
     precision: str = _f(

@@ -10,6 +10,10 @@ import torch
 
 from dino.errors import DinoError
 
+#: The values of ``--device`` (``cuda:N`` stands for any ``cuda:<number>``). ``auto`` is CUDA
+#: when available, else the CPU; Apple GPUs (``mps``) are used when asked for by name.
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -54,10 +58,20 @@ def resolve_device(name: str, world: int = 1, local_rank: int = 0) -> torch.devi
         )
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DinoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not mps_available():
+        raise DinoError(
+            "--device mps was asked for but no Apple GPU (MPS) is available; use --device cpu"
+        )
     try:
         return torch.device(name)
     except RuntimeError:
-        raise DinoError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise DinoError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+
+
+def mps_available() -> bool:
+    """Whether this PyTorch build has the Apple GPU backend (MPS) and the machine has one."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -14,7 +14,9 @@ import sys
 from dino.cli import (
     check_run,
     classify,
+    cluster,
     copy_detection,
+    duplicates,
     evaluate,
     export,
     finetune,
@@ -34,6 +36,8 @@ COMMAND_MODULES = [
     evaluate,
     classify,
     finetune,
+    cluster,
+    duplicates,
     track,
     retrieval,
     copy_detection,

@@ -44,6 +44,12 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="folder for features.npy, index.csv and meta.json (default: features)",
     )
+    e.add_argument(
+        "--patch-tokens",
+        action="store_true",
+        help="also write patch_tokens.npy: the last block's patch tokens (float16 [N, h, w, D], "
+        "written batch by batch; read it with np.load(path, mmap_mode='r')); ViTs only",
+    )
     add_loader_flags(e)
     e.set_defaults(run=extract)
 
@@ -192,8 +198,12 @@ def extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         device=args.device,
+        patch_tokens=args.patch_tokens,
     )
     print(f"{meta['count']} features of dim {meta['feature_dim']} -> {meta['files']['features']}")
+    if args.patch_tokens:
+        shape = "x".join(map(str, meta["patch_tokens"]["shape"]))
+        print(f"patch tokens {shape} (float16) -> {meta['files']['patch_tokens']}")
     print(f"index of paths and labels -> {meta['files']['index']}")
     return 0
 

@@ -25,6 +25,15 @@ def register(sub: Any) -> None:
         help="folder for model.safetensors, config.json and model.onnx (created if needed)",
     )
     x.add_argument(
+        "--format",
+        default="timm",
+        choices=["timm", "hf"],
+        help="timm: model.safetensors + timm config.json (+ model.onnx); hf: a Hugging Face "
+        "transformers folder that AutoModel.from_pretrained(DIR) loads (ViTModel, or "
+        "Dinov2WithRegistersModel for ViTs with registers; pooler_output is the feature). "
+        "Default: timm",
+    )
+    x.add_argument(
         "--image-size",
         type=int,
         default=None,
@@ -36,7 +45,7 @@ def register(sub: Any) -> None:
         "--onnx",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also write model.onnx (default: yes; needs `pip install onnx`)",
+        help="with --format timm: also write model.onnx (default: yes; needs `pip install onnx`)",
     )
     x.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     x.add_argument(
@@ -51,10 +60,16 @@ def export(args: argparse.Namespace) -> int:
     from dino.models.export import export_backbone
 
     weights: Any = args.weights
-    if args.like or weights == "random":
+    if args.like or weights == "random" or args.format == "hf":
         from dino.cli.flags import load_weights
 
+        if args.format == "hf":
+            from dino.models.hf_export import transformers_module
+
+            transformers_module()
         weights = load_weights(args)
+    if args.format == "hf":
+        return export_hf_folder(args, weights)
     res = export_backbone(
         weights,
         args.output,
@@ -81,4 +96,18 @@ def export(args: argparse.Namespace) -> int:
         diff = o.get("max_abs_diff")
         checked = f" (onnxruntime max |diff| {diff:.2g})" if diff is not None else ""
         print(f"ONNX -> {files['onnx']}: images {o['input_shape']} -> features{checked}")
+    return 0
+
+
+def export_hf_folder(args: argparse.Namespace, model: Any) -> int:
+    """``--format hf``: the transformers folder."""
+    from dino.models.export import default_size
+    from dino.models.hf_export import export_hf
+
+    size = int(args.image_size or default_size(model, model.weights_info))
+    res = export_hf(model.cpu(), args.output, size, verify=not args.no_check)
+    info = model.weights_info
+    print(f"{info.arch} backbone from {info.source} -> {res['model_type']} in {args.output}")
+    checked = f" (checked: max |diff| {res['max_abs_diff']:.2g})" if "max_abs_diff" in res else ""
+    print(f"transformers.AutoModel.from_pretrained({str(args.output)!r}).pooler_output{checked}")
     return 0

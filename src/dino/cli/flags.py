@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dino.config import leaf_fields
+from dino.devices import DEVICE_CHOICES
 from dino.errors import DinoError
 from dino.value_checks import check_value
 
@@ -93,7 +94,7 @@ def add_weights_flags(p: argparse.ArgumentParser, positional: bool = False) -> N
     g.add_argument(
         "--device",
         default="auto",
-        help="cpu, cuda, cuda:N or auto (CUDA when available)",
+        help="cpu, cuda, cuda:N, mps (Apple GPUs) or auto (CUDA when available)",
     )
 
 
@@ -136,6 +137,27 @@ def add_view_flags(p: argparse.ArgumentParser, data_default: str | None = "fashi
         "fashion-mnist, or 224); use the size the backbone was trained at",
     )
     add_norm_flags(g)
+
+
+def add_images_flags(p: argparse.ArgumentParser, split: str, outputs: str) -> None:
+    """``--data`` (a folder of images or a built-in data set), its ``--split`` (default
+    ``split``) and the required ``--output`` folder (for ``outputs``)."""
+    g = p.add_argument_group("images")
+    g.add_argument(
+        "--data",
+        required=True,
+        help="a folder of images (searched recursively; first-level subfolders are the classes, "
+        "when every image sits in one) or 'fashion-mnist'",
+    )
+    g.add_argument(
+        "--split",
+        default=split,
+        choices=["train", "test"],
+        help=f"split of the built-in data set (default: {split}; folders: ignored)",
+    )
+    g.add_argument(
+        "--output", required=True, metavar="DIR", help=f"folder for {outputs} (created if needed)"
+    )
 
 
 def add_loader_flags(p: argparse.ArgumentParser, batch_size: int = 128) -> None:
@@ -262,11 +284,12 @@ FLAG_VALUES: dict[str, dict[str, Any]] = {
     "randaugment": {"range": "[0, 30]"},
     "labels_per_class": {"range": "[0, inf)"},
     "label_seed": {"range": "[0, 4294967295]"},
-    "device": {"choices": ("auto", "cpu", "cuda", "cuda:N")},
+    "device": {"choices": DEVICE_CHOICES},
 }
 COMMAND_FLAG_VALUES: dict[str, dict[str, dict[str, Any]]] = {
     "attention": {"image_size": {"range": "[0, 8192]"}},  # 0 keeps the image's size
     "classify": {"k": {"range": "[1, inf)"}},  # one k: the vote's
+    "cluster": {"k": {"range": "[1, inf)"}},  # one number of clusters
 }
 #: Output flags that name a file; every other ``output`` / ``output_dir`` names a folder.
 FILE_OUTPUTS = {("knn", "output"), ("check-data", "output"), ("classify", "output")}

@@ -73,7 +73,7 @@ def register(sub: Any) -> None:
         help="resize those images' shorter side to this (default: the run's crop size when "
         "under 224, else 480)",
     )
-    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     r.set_defaults(run=report)
 
 

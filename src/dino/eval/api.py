@@ -10,11 +10,8 @@ source (a folder or ``"fashion-mnist"``) and returns plain dicts that the comman
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,13 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from dino.atomic_files import atomic_write, write_json, write_text
-from dino.data.datasets import BUILTIN, ImageFiles, TensorImages, builtin_split, decode_bad
+from dino.atomic_files import write_json
 from dino.devices import resolve_device
 from dino.errors import DinoError
-from dino.eval.features import extract, loader_batches
+from dino.eval.features import extract
+from dino.eval.folder_features import extract_to_files, open_images, progress
 from dino.eval.labels import (
     check_label_args,
     labels_array,
@@ -37,15 +33,15 @@ from dino.eval.labels import (
     take,
 )
 from dino.eval.neighbors import weighted_knn
+from dino.eval.outputs import write_csv
+from dino.eval.patch_features import vit_patch_size
 from dino.eval.views import (
     Data,
     EvalView,
     eval_batches,
-    eval_transform,
     num_classes,
     open_labeled,
     resolve_view,
-    with_transform,
 )
 from dino.models.weights import load_backbone
 from dino.value_checks import check_value
@@ -68,10 +64,6 @@ def run_config_of(backbone: nn.Module) -> dict | None:
     return info.run_config if info is not None else None
 
 
-def _bar(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty())
-
-
 def features_of(
     backbone: nn.Module,
     data: Data,
@@ -84,7 +76,7 @@ def features_of(
     """[CLS] (or pooled) features ``[N, D]`` (float32, CPU) and labels of every image of
     ``data`` through the eval view, in dataset order."""
     device = torch.device(device)
-    bar = _bar(len(data), desc)
+    bar = progress(len(data), desc)
     try:
         batches = eval_batches(data, view, batch_size, num_workers, device)
         return extract(backbone, batches, progress=bar.update)
@@ -203,12 +195,17 @@ def extract_features(
     batch_size: int = 128,
     num_workers: int = 0,
     device: str = "auto",
+    patch_tokens: bool = False,
 ) -> dict[str, Any]:
     """Features of every image of a folder (or a split of the built-in data) to files.
 
-    Writes into ``output_dir``: ``features.npy`` (float32 ``[N, D]``), ``index.csv`` (row,
+    Writes into ``output_dir``: ``features.npy`` (float32 ``[N, D]``), with ``patch_tokens``
+    also ``patch_tokens.npy`` (float16 ``[N, h, w, D]``: the last block's patch tokens after the
+    final norm, on the ``h x w`` patch grid of the eval crop; ViTs only), ``index.csv`` (row,
     path, label, class of each feature row; label -1 without class folders) and ``meta.json``
-    (weights, view, counts, unreadable files, which are left out).
+    (weights, view, counts, unreadable files, which are left out). Both ``.npy`` files are
+    written batch by batch through memory maps, and can be read the same way
+    (``np.load(path, mmap_mode="r")``).
 
     Args:
         backbone: a module or weights for :func:`dino.load_backbone`.
@@ -217,67 +214,42 @@ def extract_features(
         view: the eval view (default: :func:`dino.eval.views.resolve_view`).
         split: ``train`` or ``test``, for the built-in data set only.
         batch_size, num_workers, device: as for :func:`knn_eval`.
+        patch_tokens: also write the patch tokens.
 
     Returns the contents of ``meta.json`` plus the paths written.
     """
     dev = resolve_device(device)
     model = as_backbone(backbone, dev)
+    if patch_tokens:
+        vit_patch_size(model, "--patch-tokens")
     view = view or resolve_view(data, run_config_of(model))
-    if data in BUILTIN:
-        if split not in ("train", "test"):
-            raise DinoError(f"--split must be train or test for {data}, got {split!r}")
-        ds: Data = builtin_split(data, split)
-        paths = [f"{data}/{split}/{i}" for i in range(len(ds))]
-    else:
-        ds = ImageFiles(data)
-        paths = list(ds.files)
-    classes = list(ds.classes)
+    source = open_images(data, split)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bar = _bar(len(ds), "features")
-    feats, labels, bad = [], [], []
-    keep = np.ones(len(ds), dtype=bool)
-    with torch.no_grad():
-        if isinstance(ds, TensorImages):
-            for x, y in eval_batches(ds, view, batch_size, num_workers, dev):
-                feats.append(model(x).float().cpu())
-                labels.append(y.cpu())
-                bar.update(x.shape[0])
-        else:
-            dataset = with_transform(ds, eval_transform(view))
-            start = 0
-            for x, y, bad_paths in loader_batches(dataset, batch_size, num_workers, dev):
-                feats.append(model(x).float().cpu())
-                labels.append(torch.as_tensor(y))
-                for j, b in enumerate(bad_paths):
-                    # an unreadable image was replaced by the next readable one: drop its row
-                    if b and paths[start + j] in {path for path, _ in decode_bad([b])}:
-                        keep[start + j] = False
-                        bad.append(paths[start + j])
-                start += x.shape[0]
-                bar.update(x.shape[0])
-    bar.close()
-    features = torch.cat(feats).numpy()[keep]
-    label_arr = torch.cat(labels).numpy()[keep]
-    kept_paths = [p for p, k in zip(paths, keep, strict=True) if k]
-    atomic_write(out / "features.npy", lambda f: np.save(f, features.astype(np.float32)))
-    rows = io.StringIO()
-    w = csv.writer(rows)
-    w.writerow(["row", "path", "label", "class"])
-    for i, (p, y) in enumerate(zip(kept_paths, label_arr, strict=True)):
-        w.writerow([i, p, int(y), classes[int(y)] if 0 <= int(y) < len(classes) else ""])
-    write_text(out / "index.csv", rows.getvalue())
+    labels, keep, shapes = extract_to_files(
+        model, source, view, out, batch_size, num_workers, dev, patch_tokens
+    )
+    classes = source.classes
+    bad = [p for p, k in zip(source.paths, keep, strict=True) if not k]
+    rows = []
+    for p, y in zip(source.paths, labels, strict=True):
+        rows.append([p, int(y), classes[int(y)] if 0 <= int(y) < len(classes) else ""])
+    kept = [[i, *r] for i, r in enumerate(r for r, k in zip(rows, keep, strict=True) if k)]
+    write_csv(out / "index.csv", ["row", "path", "label", "class"], kept)
     info = getattr(model, "weights_info", None)
+    n, dim = shapes["features.npy"]
     meta: dict[str, Any] = {
         "weights": info.source if info else None,
         "arch": info.arch if info else None,
         "data": data,
-        "count": int(features.shape[0]),
-        "feature_dim": int(features.shape[1]) if features.ndim == 2 else 0,
+        "count": int(n),
+        "feature_dim": int(dim),
         "classes": classes,
         "view": view.to_dict(),
         "unreadable": bad,
     }
+    if patch_tokens:
+        meta["patch_tokens"] = {"shape": list(shapes["patch_tokens.npy"]), "dtype": "float16"}
     write_json(out / "meta.json", meta)
     if bad:
         log.warning("%d unreadable images left out (listed in %s)", len(bad), out / "meta.json")
@@ -286,4 +258,6 @@ def extract_features(
         "index": str(out / "index.csv"),
         "meta": str(out / "meta.json"),
     }
+    if patch_tokens:
+        meta["files"]["patch_tokens"] = str(out / "patch_tokens.npy")
     return meta

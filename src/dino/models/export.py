@@ -106,7 +106,7 @@ def _state(model: nn.Module, info: WeightsInfo) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in target.state_dict().items()}
 
 
-def _default_size(model: nn.Module, info: WeightsInfo) -> int:
+def default_size(model: nn.Module, info: WeightsInfo) -> int:
     """The image side the backbone is evaluated at: the run's eval crop, else its own size."""
     data = (info.run_config or {}).get("data") or {}
     if data.get("eval_crop"):
@@ -240,7 +240,7 @@ def export_backbone(
         model = load_backbone(weights, arch, patch_size, checkpoint_key)
     model = model.cpu().eval()
     info: WeightsInfo = model.weights_info
-    size = int(image_size or _default_size(model, info))
+    size = int(image_size or default_size(model, info))
     if info.patch_size and size % info.patch_size:
         raise DinoError(
             f"--image-size {size} is not a multiple of the patch size {info.patch_size}; pass "

@@ -155,3 +155,16 @@ def save_head_maps(
     for name, img in files:
         img.save(out / name)
     return [out / name for name, _ in files]
+
+
+def titled_rows(rows: list[list[tuple[Image.Image, str]]], height: int = 96) -> Image.Image:
+    """A sheet of rows of (picture, title) panels of ``height`` px."""
+    return sheet([[panel(p.convert("RGB"), t, height) for p, t in row] for row in rows])
+
+
+def contact_sheet(
+    pictures: list[Image.Image], titles: list[str], columns: int = 8, height: int = 96
+) -> Image.Image:
+    """The pictures as titled panels of ``height`` px, ``columns`` to a row."""
+    items = list(zip(pictures, titles, strict=True))
+    return titled_rows([items[i : i + columns] for i in range(0, len(items), columns)], height)
