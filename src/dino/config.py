@@ -344,7 +344,18 @@ class OptimConfig:
         range="[0, inf)",
     )
     batch_size: int = _f(
-        64, "images per process per step (the global batch is this x processes).", range="[1, inf)"
+        64,
+        "images per process per forward pass (the global batch is this x --accumulate x "
+        "processes).",
+        range="[1, inf)",
+    )
+    accumulate: int = _f(
+        1,
+        "gradient accumulation: each optimizer step sums the gradients of this many batches of "
+        "--batch-size (the teacher, the center, the schedules and clipping advance once per "
+        "step), so 2 x 16 trains as one batch of 32 with the activations of 16 (KoLeo is per "
+        "batch of --batch-size).",
+        range="[1, inf)",
     )
     lr: float = _f(
         0.0005,
@@ -446,6 +457,13 @@ class RunConfig:
     )
     compile: bool = _f(
         False, "torch.compile the networks (faster steps after a slow start).", on_resume="free"
+    )
+    checkpoint_activations: bool = _f(
+        False,
+        "activation checkpointing of the student's transformer blocks (timm backbones): their "
+        "activations are recomputed in the backward pass instead of kept, the same results for "
+        "less memory and a slower step.",
+        on_resume="free",
     )
     tensorboard: bool = _f(
         True,
@@ -698,16 +716,12 @@ def validate(cfg: Config) -> None:
             f"eval_crop={d.eval_crop} is larger than eval_resize={d.eval_resize}; the center "
             "crop must fit in the resized image: raise --eval-resize or lower --eval-crop"
         )
-    for name, value in (
-        ("warmup_epochs", o.warmup_epochs),
-        ("warmup_teacher_temp_epochs", cfg.loss.warmup_teacher_temp_epochs),
-        ("freeze_last_layer", o.freeze_last_layer),
-    ):
-        if value > o.epochs:
-            raise DinoError(
-                f"{name}={value} is longer than the run (epochs={o.epochs}); "
-                f"lower --{name.replace('_', '-')} or raise --epochs"
-            )
+    # warm-ups longer than --epochs are shortened by the trainer, with a warning
+    if o.accumulate > 1 and cfg.loss.ibot_weight:
+        raise DinoError(
+            f"accumulate={o.accumulate} does not work with iBOT (ibot_weight="
+            f"{cfg.loss.ibot_weight}) yet; set --accumulate 1 or --ibot-weight 0"
+        )
     our_vit = m.arch.startswith("vit_") and m.arch.count("_") == 1
     for name, value in (("registers", m.registers), ("ibot_weight", cfg.loss.ibot_weight)):
         if value and not our_vit:
