@@ -46,8 +46,8 @@ from dino.training.learner import build_learner  # noqa: E402
 from dino.training.schedules import StepValues  # noqa: E402
 from dino.training.step import train_step  # noqa: E402
 
-#: The flag settings measured for each (arch, images per step, precision): (batch, accumulate,
-#: checkpointing) with ``batch x accumulate`` images per optimizer step.
+#: The flag settings measured for each (images per optimizer step, precision), as
+#: ``(accumulate, checkpointing)``: ``--batch-size`` is the images per step / accumulate.
 FLAGS = ((1, False), (1, True), (2, False), (2, True))
 
 
@@ -105,6 +105,29 @@ def run_probe(s: dict[str, Any]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def save(path: Path, rows: list[dict[str, Any]], device: torch.device) -> None:
+    """Write the results so far, each row with ``vs_plain``: its peak over the peak of the same
+    images per step and precision without the flags (when that one was measured)."""
+    for r in rows:
+        plain = [
+            q["step_peak_mb"]
+            for q in rows
+            if (q["batch"], q["precision"], q["accumulate"], q["checkpoint"])
+            == (r["batch"], r["precision"], 1, False)
+        ]
+        r["vs_plain"] = round(r["step_peak_mb"] / plain[0], 3) if plain else None
+    result = {
+        **stamp(device),
+        "machine": machine_name(device),
+        "note": "2-core AMD EPYC VM shared with other jobs: step_seconds were taken under heavy "
+        "load and only say that checkpointing recomputes; memory does not depend on the load",
+        "method": "fresh process per setting; CPU: VmHWM reset before the step minus VmRSS "
+        "before it, glibc MALLOC_MMAP_THRESHOLD_=65536; CUDA: max_memory_allocated",
+        "rows": rows,
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="vit_small")
@@ -122,36 +145,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.probe:
         print(json.dumps(probe(json.loads(args.probe))))
         return
-    torch.set_num_threads(torch.get_num_threads())
     base = {k: getattr(args, k) for k in ("arch", "patch_size", "global_size", "local_size")}
     base |= {"local_crops": args.local_crops, "out_dim": args.out_dim, "device": args.device}
-    rows = []
-    for batch, precision, (accumulate, checkpoint) in itertools.product(
-        [int(b) for b in args.batches.split(",")], args.precisions.split(","), FLAGS
+    device = torch.device(args.device)
+    out = args.output or RESULTS_DIR / f"memory-{'cpu' if device.type == 'cpu' else 'gpu'}.json"
+    rows: list[dict[str, Any]] = []
+    for precision, batch, (accumulate, checkpoint) in itertools.product(
+        args.precisions.split(","), [int(b) for b in args.batches.split(",")], FLAGS
     ):
         s = {**base, "batch": batch, "accumulate": accumulate, "checkpoint": checkpoint}
         rows.append(run_probe({**s, "precision": precision}))
         print(json.dumps(rows[-1]), flush=True)
-    for r in rows:  # each setting against the same batch and precision without the flags
-        plain = next(
-            q["step_peak_mb"]
-            for q in rows
-            if (q["batch"], q["precision"], q["accumulate"], q["checkpoint"])
-            == (r["batch"], r["precision"], 1, False)
-        )
-        r["vs_plain"] = round(r["step_peak_mb"] / plain, 3)
-    device = torch.device(args.device)
-    result = {
-        **stamp(device),
-        "machine": machine_name(device),
-        "note": "2-core AMD EPYC VM shared with other jobs: step_seconds were taken under load; "
-        "memory does not depend on the load",
-        "method": "fresh process per setting; CPU: VmHWM reset before the step minus VmRSS "
-        "before it, glibc MALLOC_MMAP_THRESHOLD_=65536; CUDA: max_memory_allocated",
-        "rows": rows,
-    }
-    out = args.output or RESULTS_DIR / f"memory-{'cpu' if device.type == 'cpu' else 'gpu'}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+        save(out, rows, device)  # after each setting: a long run's partial table is kept
     cols = ["arch", "batch", "accumulate", "checkpoint", "precision", "step_peak_mb", "vs_plain"]
     print(table(rows, cols + ["step_seconds", "loss"], "peak memory of one training step"))
     print(f"-> {out}")
