@@ -47,17 +47,9 @@ def train_step(m: Learner, views: list[torch.Tensor], v: StepValues) -> dict[str
     patch_targets = x.patch_targets(teacher_out, v.teacher_temp)
     m.optimizer.zero_grad(set_to_none=True)
     loss, extras = torch.zeros((), device=targets.probs.device), {}
-    for k, rows in enumerate(micro_batches(views[0].shape[0], m.accumulate)):
-        part = views if rows is None else [view[rows] for view in views]
+    for k, (part, part_targets) in enumerate(micro_batches(views, targets, m.accumulate)):
         last = k == m.accumulate - 1
-        part_loss, part_extras = student_backward(
-            m,
-            part,
-            targets if rows is None else target_rows(targets, rows),
-            masks,
-            patch_targets,
-            last,
-        )
+        part_loss, part_extras = student_backward(m, part, part_targets, masks, patch_targets, last)
         loss = loss + part_loss / m.accumulate
         extras = {n: extras.get(n, 0) + e / m.accumulate for n, e in part_extras.items()}
     stats = targets.stats(loss)
@@ -117,20 +109,22 @@ def student_backward(
     return loss, extras
 
 
-def micro_batches(batch: int, n: int) -> list[slice | None]:
-    """The rows of each of the ``n`` accumulated batches (``[None]``: the whole batch)."""
+def micro_batches(
+    views: list[torch.Tensor], targets: TeacherTargets, n: int
+) -> list[tuple[list[torch.Tensor], TeacherTargets]]:
+    """The ``n`` accumulated batches: each one's views and teacher targets (``n`` = 1: the
+    batch itself)."""
     if n == 1:
-        return [None]
+        return [(views, targets)]
+    batch = views[0].shape[0]
     if batch % n:
         raise ValueError(f"a batch of {batch} does not split into {n} equal parts")
-    size = batch // n
-    return [slice(i * size, (i + 1) * size) for i in range(n)]
-
-
-def target_rows(targets: TeacherTargets, rows: slice) -> TeacherTargets:
-    """The teacher targets of the images ``rows`` of the batch."""
-    probs = targets.probs[:, rows]
-    return TeacherTargets(probs, probs.sum(0), targets.entropy, targets.batch_entropy)
+    out = []
+    for rows in (slice(i * batch // n, (i + 1) * batch // n) for i in range(n)):
+        probs = targets.probs[:, rows]
+        part = TeacherTargets(probs, probs.sum(0), targets.entropy, targets.batch_entropy)
+        out.append(([view[rows] for view in views], part))
+    return out
 
 
 def student_parts(m: Learner, views: list[torch.Tensor]) -> list[tuple[int, int]]:

@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import dino.training.run_state as run_state
 from dino.atomic_files import atomic_write
 from dino.config import Config
 from dino.data.datasets import open_training_data
 from dino.devices import resolve_device, resolve_precision
 from dino.errors import DinoError
-from dino.training import run_state
 from dino.training.bad_files import BadFiles
 from dino.training.batches import Batches, check_steps_per_epoch
 from dino.training.distributed import Dist, setup_distributed
