@@ -354,7 +354,8 @@ class OptimConfig:
         "gradient accumulation: each optimizer step sums the gradients of this many batches of "
         "--batch-size (the teacher, the center, the schedules and clipping advance once per "
         "step), so 2 x 16 trains as one batch of 32 with the activations of 16 (KoLeo is per "
-        "batch of --batch-size).",
+        "batch of --batch-size). Measured on a ViT-S/16 step (2x224 + 8x96 views, fp32): 8 x 2 "
+        "peaks at 0.62x the memory of 16 x 1 (docs/memory.md).",
         range="[1, inf)",
     )
     lr: float = _f(
@@ -461,8 +462,10 @@ class RunConfig:
     checkpoint_activations: bool = _f(
         False,
         "activation checkpointing of the student's transformer blocks (timm backbones): their "
-        "activations are recomputed in the backward pass instead of kept, the same results for "
-        "less memory and a slower step.",
+        "activations are recomputed in the backward pass instead of kept: the same results for "
+        "one more forward of the blocks. Measured on a ViT-S/16 step (2x224 + 8x96 views, batch "
+        "16): 0.23x the peak memory in fp32, 0.39x in bf16; try it before lowering --batch-size "
+        "(docs/memory.md).",
         on_resume="free",
     )
     tensorboard: bool = _f(
