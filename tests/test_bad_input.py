@@ -142,6 +142,7 @@ CONFIG_CASES = [
     (["--optimizer", "adam"], ["optimizer", "auto, adamw, sgd", "'adam'"]),
     (["--accumulate", "0"], ["accumulate", "at least 1", "0"]),
     (["--accumulate", "2", "--ibot-weight", "1"], ["accumulate=2", "iBOT", "--accumulate 1"]),
+    (["--arch", "tv:resnet18", "--checkpoint-activations"], ["timm backbone", "tv:resnet18"]),
     (["--seed", "-1"], ["seed", "-1"]),
     (["--device", "gpu"], ["device", "cuda:N", "'gpu'"]),
     (["--precision", "fp8"], ["precision", "fp32", "'fp8'"]),
