@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 
 import dino.training.knn
-from dino.config import Config, load_config
+from dino.config import load_config
 from dino.data.datasets import FASHION_MNIST_DIRS
 from dino.eval.api import knn_eval
-from dino.eval.neighbors import KNN_KS, KNN_TEMPERATURE
 from dino.eval.views import EvalView
 from dino.training.trainer import Trainer
 
@@ -44,9 +43,3 @@ def test_a_bf16_run_reports_the_fp32_knn_of_dino_knn(tmp_path, monkeypatch) -> N
     theirs = knn_eval(backbone, "fashion-mnist", [5, 20], view=view, subset=256, batch_size=512)
     assert ours == theirs["knn"]
 
-
-def test_a_run_evaluates_with_the_k_nn_defaults_of_the_evaluation() -> None:
-    """The config's ``--knn-k`` and ``--knn-temp`` defaults are ``dino knn``'s (defined in
-    :mod:`dino.eval.neighbors`; the config cannot import the evaluation, which imports it)."""
-    run = Config().run
-    assert run.knn_k == list(KNN_KS) and run.knn_temp == KNN_TEMPERATURE

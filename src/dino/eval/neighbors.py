@@ -10,11 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: The numbers of neighbours reported by default (the reference code's).
-KNN_KS = (10, 20, 100, 200)
-#: The default temperature T of the votes' weights ``exp(sim / T)`` (the reference code's).
-KNN_TEMPERATURE = 0.07
-
 
 @torch.no_grad()
 def weighted_knn(
@@ -22,8 +17,8 @@ def weighted_knn(
     bank_labels: torch.Tensor,
     query: torch.Tensor,
     query_labels: torch.Tensor,
-    ks: tuple[int, ...] | list[int] = KNN_KS,
-    temperature: float = KNN_TEMPERATURE,
+    ks: tuple[int, ...] | list[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
     num_classes: int | None = None,
     chunk: int = 256,
 ) -> dict[str, dict[str, float]]:
