@@ -17,6 +17,7 @@ from dino.training.trainer import Trainer
     not any((d / "train-images-idx3-ubyte.gz").exists() for d in FASHION_MNIST_DIRS),
     reason="Fashion-MNIST is not installed",
 )
+@pytest.mark.slow  # reads Fashion-MNIST twice: about 10 s on 2 cores
 def test_a_bf16_run_reports_the_fp32_knn_of_dino_knn(tmp_path, monkeypatch) -> None:
     cfg = load_config(None, {
         "data": "fashion-mnist", "subset": 256, "batch_size": 16, "arch": "vit_pico",
@@ -42,4 +43,3 @@ def test_a_bf16_run_reports_the_fp32_knn_of_dino_knn(tmp_path, monkeypatch) -> N
     backbone = trainer.learner.teacher.backbone
     theirs = knn_eval(backbone, "fashion-mnist", [5, 20], view=view, subset=256, batch_size=512)
     assert ours == theirs["knn"]
-
