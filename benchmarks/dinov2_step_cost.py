@@ -21,7 +21,6 @@ from pathlib import Path
 from harness import interleave, machine_name, paired_speedup, save_results, stamp, table
 
 from dino.config_load import load_config
-from dino.training.step import train_step
 from dino.training.trainer import Trainer
 
 #: The options measured, as config overrides of the preset.
@@ -55,7 +54,7 @@ def main() -> None:
             trainers[name] = t
         first = next(iter(trainers.values()))
         views, _bad = next(first.batches.epoch(0))
-        steps = {name: (lambda t=t: train_step(t, views)) for name, t in trainers.items()}
+        steps = {name: (lambda t=t: t.step(views)) for name, t in trainers.items()}
         times = interleave(steps, args.rounds, args.warmup, first.device)
     base = times["preset"]
     rows = []

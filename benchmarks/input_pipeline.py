@@ -243,7 +243,6 @@ def step_wait(cfg: Config, steps: int) -> dict[str, Any]:
     """A ViT-S/16 bf16 training step on this CPU fed by the folder pipeline: seconds per step,
     seconds blocked waiting for the DataLoader and seconds of the batched photometric half,
     per step (medians over ``steps`` steps after one warm-up step)."""
-    from dino.training.step import train_step
     from dino.training.trainer import Trainer
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -258,7 +257,7 @@ def step_wait(cfg: Config, steps: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             views, _bad = next(gen)
             t1 = time.perf_counter()
-            train_step(t, views)
+            t.step(views)
             t.iteration += 1
             t2 = time.perf_counter()
             if s:

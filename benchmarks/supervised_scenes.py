@@ -45,7 +45,6 @@ from dino.data.tensor_aug import TensorMultiCrop
 from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
 from dino.eval.features import tensor_eval_batches
 from dino.models.backbones import build_backbone
-from dino.training.step import train_step
 from dino.training.trainer import Trainer
 
 #: Weight decay of the supervised run (DeiT's).
@@ -168,7 +167,7 @@ def time_steps(config: str, cfg: Config, rounds: int) -> dict[str, Any]:
 
     def dino() -> None:  # augmentation included, as in the supervised step
         views = trainer.batches.aug(imgs, idx, 0, cfg.run.seed)
-        train_step(trainer, views)
+        trainer.step(views)
         trainer.iteration += 1
 
     def supervised() -> None:

@@ -52,7 +52,7 @@ from dino.training.batches import Batches
 from dino.training.distributed import Dist
 from dino.training.networks import build_networks
 from dino.training.schedules import Schedules
-from dino.training.step import step_seed, train_step
+from dino.training.step import step_seed
 from dino.training.trainer import Trainer
 
 #: The iteration the timed steps start at: inside the learning-rate warm-up, lr > 0.
@@ -120,7 +120,7 @@ class OursStep:
         self.last_loss = float("nan")
 
     def __call__(self) -> None:
-        out = train_step(self.trainer, self.views)
+        out = self.trainer.step(self.views)
         self.last_loss = out.get("loss", float("nan"))
         self.trainer.iteration += 1
 

@@ -57,13 +57,13 @@ def test_fp32_losses_and_weights_match_over_steps(bench) -> None:
         ours()
         base()
         assert _rel(ours.last_loss, base.last_loss) <= 1e-5
-    student = dict(ours.trainer.student.backbone.named_parameters())
+    student = dict(ours.trainer.learner.student.backbone.named_parameters())
     for name, p in base.plain.student.backbone.named_parameters():
         torch.testing.assert_close(student[name], p, rtol=1e-4, atol=1e-6)
-    teacher = dict(ours.trainer.teacher.backbone.named_parameters())
+    teacher = dict(ours.trainer.learner.teacher.backbone.named_parameters())
     for name, p in base.plain.teacher.backbone.named_parameters():
         torch.testing.assert_close(teacher[name], p, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours.trainer.loss_fn.center, base.plain.loss.center)
+    torch.testing.assert_close(ours.trainer.learner.loss_fn.center, base.plain.loss.center)
 
 
 def test_the_comparison_detects_a_different_network(bench) -> None:

@@ -11,7 +11,7 @@ import logging
 import torch
 from helpers.two_classes import write_folder
 
-import dino.training.trainer as trainer_module
+import dino.training.learner as learner_module
 from dino.cli import main
 from dino.training.init_from import against_start
 
@@ -52,7 +52,7 @@ def test_init_loads_head_and_center_and_logs_the_starting_knn(tmp_path, monkeypa
     ckpt = torch.load(first / "checkpoint.pth", weights_only=False)
     torch.save(reference_format(ckpt), tmp_path / "reference.pth")
     started = []
-    real = trainer_module.init_head_and_center
+    real = learner_module.init_head_and_center
 
     def record(student, teacher, loss_fn, model):  # the networks as the run starts
         loaded = real(student, teacher, loss_fn, model)
@@ -60,7 +60,7 @@ def test_init_loads_head_and_center_and_logs_the_starting_knn(tmp_path, monkeypa
         started.append((loaded, heads, loss_fn.center.clone()))
         return loaded
 
-    monkeypatch.setattr(trainer_module, "init_head_and_center", record)
+    monkeypatch.setattr(learner_module, "init_head_and_center", record)
     head = {k.removeprefix("head."): v for k, v in ckpt["teacher"].items() if "head." in k}
     for i, init in enumerate([str(first), str(tmp_path / "reference.pth")]):
         run = tmp_path / f"continued{i}"

@@ -218,6 +218,24 @@ def test_two_processes_match_one(one_process_run, tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_accumulated_batches_match_one_batch(one_process_run, tmp_path) -> None:
+    """``--accumulate 2`` of B images is one process's batch of 2B, end to end (data order,
+    schedules, teacher, center, k-NN): the same losses and teacher, as the processes above."""
+    run = tmp_path / "run"
+    flags = ["--batch-size", str(B), "--accumulate", "2", "--output-dir", str(run)]
+    proc, _ = _dino([*TINY, *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"global batch {2 * B}" in proc.stderr
+    ref, got = _losses(one_process_run), _losses(run)
+    assert sorted(got) == sorted(ref) == list(range(8))
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], abs=1e-5), it
+    _assert_same_teacher(
+        _teacher(run / "checkpoint.pth"), _teacher(one_process_run / "checkpoint.pth")
+    )
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["kill", "raise"])
 def test_failed_rank_stops_the_run_and_checkpoint_resumes(one_process_run, tmp_path, mode) -> None:
     """Rank 1 dies (SIGKILL) or raises at iteration 5: the run ends quickly with torchrun's

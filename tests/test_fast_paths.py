@@ -50,5 +50,6 @@ def test_compile_keeps_parameter_names(tmp_path) -> None:
     cfg = _tiny_cfg(compile=True, batch_size=8, subset=64, output_dir=str(tmp_path / "run"))
     trainer = Trainer(cfg)
     plain = Trainer(_tiny_cfg(batch_size=8, subset=64, output_dir=str(tmp_path / "plain")))
-    assert trainer.student.state_dict().keys() == plain.student.state_dict().keys()
+    student, plain_student = trainer.learner.student, plain.learner.student
+    assert student.state_dict().keys() == plain_student.state_dict().keys()
     assert not any("_orig_mod" in k for k in trainer.state()["teacher"])

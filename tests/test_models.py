@@ -487,6 +487,6 @@ def test_training_step_backpropagates_one_resolution_at_a_time(tmp_path) -> None
     base |= {"out_dim": 16, "head_hidden_dim": 8, "batch_size": 4, "subset": 16, "local_crops": 3}
     views = [torch.zeros(4, 3, 8, 8)] * 2 + [torch.zeros(4, 3, 4, 4)] * 3
     trainer = Trainer(load_config(None, {**base, "output_dir": str(tmp_path / "a")}))
-    assert student_parts(trainer, views) == [(0, 2), (2, 5)]
+    assert student_parts(trainer.learner, views) == [(0, 2), (2, 5)]
     cfg = load_config(None, {**base, "use_bn_in_head": True, "output_dir": str(tmp_path / "b")})
-    assert student_parts(Trainer(cfg), views) == [(0, 5)]
+    assert student_parts(Trainer(cfg).learner, views) == [(0, 5)]

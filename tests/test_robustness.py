@@ -31,7 +31,6 @@ from dino.data.datasets import BadImage, load_image
 from dino.data.fashion_mnist import FASHION_MNIST_DIRS
 from dino.training.checkpoint import LATEST, load_checkpoint
 from dino.training.monitor import CollapseMonitor
-from dino.training.step import train_step
 from dino.training.trainer import Trainer
 
 # ---------------------------------------------------------------- a folder of awkward files
@@ -243,16 +242,16 @@ def test_a_skipped_step_changes_nothing(kind, clean, tmp_path) -> None:
     poison(trainer, {0}, kind)
     before = copy.deepcopy(trainer.state())
     views, _ = next(trainer.batches.epoch(0))
-    out = train_step(trainer, views)
+    out = trainer.step(views)
     assert out == {"skipped": "non-finite gradient" if kind == "grad" else "non-finite loss"}
     after = trainer.state()
     for net in ("student", "teacher"):
         assert all(torch.equal(before[net][k], after[net][k]) for k in before[net])
     assert torch.equal(before["dino_loss"]["center"], after["dino_loss"]["center"])
-    assert after["optimizer"]["state"] == {} and trainer.loss_fn._pending is None
+    assert after["optimizer"]["state"] == {} and trainer.learner.loss_fn._pending is None
     trainer.iteration = 1
-    assert "loss" in train_step(trainer, views)  # the next step is a normal one
-    assert not torch.equal(trainer.loss_fn.center, before["dino_loss"]["center"])
+    assert "loss" in trainer.step(views)  # the next step is a normal one
+    assert not torch.equal(trainer.learner.loss_fn.center, before["dino_loss"]["center"])
 
 
 def test_persistent_non_finite_loss_stops_the_run(clean, tmp_path, monkeypatch, capsys) -> None:

@@ -15,12 +15,14 @@ a PyTorch file, and failing as one clear error.
 
 from __future__ import annotations
 
+import csv
 import errno
+import io
 import json
 import mmap
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -243,3 +245,12 @@ def load_torch(path: str | Path, **kwargs: Any) -> Any:
     commands; training checkpoints go through :mod:`dino.training.checkpoint`)."""
     check_intact(path)
     return torch.load(path, **kwargs)
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file (folders created; atomically: a kill leaves no torn file)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    write_text(path, buf.getvalue())

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import dino.training.checkpoint
-import dino.training.trainer
 from dino.atomic_files import atomic_write
 from dino.devices import launch_env
 from dino.training.trainer import Trainer
@@ -39,20 +38,20 @@ def poison(trainer: Trainer, iterations: Collection[int], kind: str = "loss") ->
     """Make the loss (``kind="loss"``) or one gradient (``"grad"``) of ``trainer``'s steps at
     ``iterations`` NaN."""
     if kind == "loss":
-        real_term = trainer.loss_fn.student_term
+        real_term = trainer.learner.loss_fn.student_term
 
         def student_term(*args: Any, **kwargs: Any) -> torch.Tensor:
             term = real_term(*args, **kwargs)
             return term * float("nan") if trainer.iteration in iterations else term
 
-        trainer.loss_fn.student_term = student_term
+        trainer.learner.loss_fn.student_term = student_term
     elif kind == "grad":
 
         def nan_grad(p: torch.Tensor) -> None:
             if trainer.iteration in iterations:
                 p.grad.fill_(float("nan"))
 
-        trainer.params[0].register_post_accumulate_grad_hook(nan_grad)
+        trainer.learner.params[0].register_post_accumulate_grad_hook(nan_grad)
     else:
         raise ValueError(f"kind must be loss or grad, got {kind!r}")
 
@@ -64,13 +63,13 @@ def install_nan(mp: pytest.MonkeyPatch, iterations: Collection[int], kind: str =
 
 def _before_step(mp: pytest.MonkeyPatch, act: Callable[[Trainer], None]) -> None:
     """Call ``act(trainer)`` before every training step the trainer runs."""
-    real_step = dino.training.trainer.train_step
+    real_step = Trainer.step
 
-    def train_step(t: Trainer, views: list[torch.Tensor]) -> dict[str, Any]:
+    def step(t: Trainer, views: list[torch.Tensor]) -> dict[str, Any]:
         act(t)
         return real_step(t, views)
 
-    mp.setattr(dino.training.trainer, "train_step", train_step)
+    mp.setattr(Trainer, "step", step)
 
 
 def _sigkill() -> None:
@@ -86,15 +85,15 @@ def install_kill_before_step(mp: pytest.MonkeyPatch, iteration: int) -> None:
 def install_stop_before_step(mp: pytest.MonkeyPatch, iteration: int) -> None:
     """Request a stop (as SIGTERM does) right after the step that makes the trainer's
     iteration ``iteration``: the run saves that iteration's checkpoint and exits."""
-    real_step = dino.training.trainer.train_step
+    real_step = Trainer.step
 
-    def train_step(t: Trainer, views: list[torch.Tensor]) -> dict[str, Any]:
+    def step(t: Trainer, views: list[torch.Tensor]) -> dict[str, Any]:
         out = real_step(t, views)
         if t.iteration + 1 == iteration:
-            t.request_stop(signal.SIGTERM)
+            t.stop.request(signal.SIGTERM)
         return out
 
-    mp.setattr(dino.training.trainer, "train_step", train_step)
+    mp.setattr(Trainer, "step", step)
 
 
 def install_kill_while_saving(mp: pytest.MonkeyPatch, iteration: int) -> None:

@@ -37,6 +37,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         if typing.get_origin(typ) is list:
             kwargs["nargs"] = "+"
             kwargs["metavar"] = typing.get_args(typ)[0].__name__.upper()
+        elif typ is bool:  # --flag alone means true; --flag false turns a preset's off
+            kwargs |= {"nargs": "?", "const": True, "metavar": "BOOL"}
         else:
             kwargs["metavar"] = typ.__name__.upper()
         group.add_argument(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dino.atomic_files import write_json
+from dino.atomic_files import write_csv, write_json
 from dino.devices import resolve_device
 from dino.errors import DinoError
 from dino.eval.features import extract
@@ -33,7 +33,6 @@ from dino.eval.labels import (
     take,
 )
 from dino.eval.neighbors import weighted_knn
-from dino.eval.outputs import write_csv
 from dino.eval.patch_features import vit_patch_size
 from dino.eval.views import (
     Data,

@@ -6,18 +6,15 @@ before computing anything, and write each file atomically (:mod:`dino.atomic_fil
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from dino.atomic_files import write_json, write_text
+from dino.atomic_files import write_csv, write_json
 
-__all__ = ["write_json", "write_csv"]  # write_json: the one in dino.atomic_files
+__all__ = ["write_json", "write_csv"]  # the ones in dino.atomic_files
 from dino.errors import DinoError
 
 #: A backbone as the evaluation functions accept it: a module, weights for
@@ -32,15 +29,6 @@ def refuse_existing(path: str | Path | None, flag: str) -> None:
         raise DinoError(
             f"{flag} {path} already exists; pass another path, or move the earlier results away"
         )
-
-
-def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write a CSV file (folders created; atomically: a kill leaves no torn file)."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    write_text(path, buf.getvalue())
 
 
 def resolve_backbone(backbone: Backbone, device: torch.device) -> nn.Module:

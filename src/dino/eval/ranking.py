@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dino.eval.outputs import write_csv
+from dino.atomic_files import write_csv
 
 #: The k of revisitop's mP@k and of the plain folders' precision@k.
 DEFAULT_KS = (1, 5, 10)

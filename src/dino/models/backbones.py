@@ -184,7 +184,12 @@ def vit_tokens(
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     x = model.norm_pre(x)
-    x = model.blocks(x)
+    if getattr(model, "grad_checkpointing", False) and torch.is_grad_enabled():
+        from timm.models import checkpoint_seq
+
+        x = checkpoint_seq(model.blocks, x)  # --checkpoint-activations, as forward() does
+    else:
+        x = model.blocks(x)
     x = model.norm(x)
     return x[:, 0], x[:, model.num_prefix_tokens :]
 

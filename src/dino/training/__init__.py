@@ -1,7 +1,9 @@
 """DINO pretraining.
 
 ``train(cfg)`` runs a whole run (:mod:`~dino.training.trainer`); one optimization step is
-:func:`~dino.training.step.train_step`. The other modules hold one concern each:
+:func:`~dino.training.step.train_step` of a :class:`~dino.training.learner.Learner` (networks,
+optimizer, losses) with the step's :class:`~dino.training.schedules.StepValues`. The other
+modules hold one concern each: :mod:`~.stopping` (SIGTERM / SIGINT),
 :mod:`~dino.training.run_state` (checkpoint contents, save, resume), :mod:`~.checkpoint`
 (checkpoint files), :mod:`~.batches` (augmented views of each step), :mod:`~.networks`
 (student and teacher), :mod:`~.optim`, :mod:`~.schedules`, :mod:`~.metrics`

@@ -48,6 +48,18 @@ def _kill_leftover_workers() -> None:
         worker.join()
 
 
+def check_steps_per_epoch(n: int, cfg: Config, world: int) -> int:
+    """The optimizer steps of an epoch of ``n`` images (each one a global batch of
+    ``--batch-size`` x ``--accumulate`` x ``world``); refuses data smaller than one batch."""
+    global_batch = cfg.optim.batch_size * cfg.optim.accumulate * world
+    if n < global_batch:
+        raise DinoError(
+            f"the dataset has {n} images, fewer than one global batch of {global_batch}; lower "
+            "--batch-size" + (" or --accumulate" if cfg.optim.accumulate > 1 else "")
+        )
+    return n // global_batch
+
+
 class Batches:
     """The augmented views of each step of an epoch, from either augmentation path.
 
@@ -59,14 +71,9 @@ class Batches:
         self, cfg: Config, train: TensorImages | ImageFiles, d: Dist, device: torch.device
     ) -> None:
         self.cfg, self.device = cfg, device
-        self.sampler = GlobalBatchSampler(
-            len(train), cfg.optim.batch_size, d.world, d.rank, cfg.run.seed
-        )
-        if self.sampler.steps_per_epoch() < 1:
-            raise DinoError(
-                f"the dataset has {len(train)} images, fewer than one global batch of "
-                f"{self.sampler.global_batch}; lower --batch-size"
-            )
+        check_steps_per_epoch(len(train), cfg, d.world)
+        process_batch = cfg.optim.batch_size * cfg.optim.accumulate  # images per optimizer step
+        self.sampler = GlobalBatchSampler(len(train), process_batch, d.world, d.rank, cfg.run.seed)
         dc = cfg.data
         mode = "tensor" if dc.augment == "auto" else dc.augment
         if mode == "pil" and isinstance(train, TensorImages):

@@ -28,7 +28,7 @@ def knn_ks(cfg: Config, bank: int) -> list[int]:
 
 def check_knn_k(cfg: Config, data: TrainingData) -> None:
     """Before a run starts: refuse ``--knn-k`` values that no k-NN bank of ``data`` can answer,
-    and say which ones will be left out."""
+    and say which ones will be left out (:func:`knn_ks`)."""
     if data.knn_bank is None or data.knn_query is None:
         return
     n = len(data.knn_bank)
@@ -53,12 +53,13 @@ def teacher_knn(
     cfg: Config,
     d: Dist,
     device: torch.device,
-    autocast_dtype: torch.dtype | None,
 ) -> dict[str, dict[str, float]] | None:
     """Weighted k-NN accuracy of ``backbone``'s features (bank: ``data.knn_bank``, queries:
     ``data.knn_query``) on rank 0; None on the other ranks or without labeled data.
 
-    Runs with forked random generators, so that it changes nothing of the training."""
+    The features are fp32 whatever the run's precision, as ``dino knn`` computes them: the same
+    weights give the same numbers. Runs with forked random generators, so that it changes
+    nothing of the training."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         bank_ds, query_ds = data.knn_bank, data.knn_query
@@ -79,7 +80,7 @@ def teacher_knn(
             )
             batch_size = 512 if isinstance(part, TensorImages) else 128
             batches = eval_batches(part, view, batch_size, dc.num_workers, device)
-            f, y = extract(backbone, batches, autocast_dtype, bar.update)
+            f, y = extract(backbone, batches, progress=bar.update)
             bar.close()
             if d.world > 1:  # all samples on rank 0, in dataset order, as one process has them
                 f, y = gather_strided(f, len(ds)), gather_strided(y, len(ds))

@@ -52,6 +52,8 @@ def build_networks(cfg: Config, load_init: bool = True) -> tuple[MultiCropNet, M
         return MultiCropNet(backbone, dino_head, ibot=ibot, patch_head=patch_head)
 
     student = net(m.drop_path_rate)
+    if cfg.run.checkpoint_activations:
+        checkpoint_activations(student.backbone, m.arch)
     check_input_sizes(student.backbone, cfg)
     if m.init and load_init:
         from dino.models.weights import init_backbone
@@ -66,6 +68,18 @@ def build_networks(cfg: Config, load_init: bool = True) -> tuple[MultiCropNet, M
             net.to(memory_format=torch.channels_last)
             net.channels_last = True
     return student, teacher
+
+
+def checkpoint_activations(backbone: nn.Module, arch: str) -> None:
+    """Recompute the activations of ``backbone``'s blocks in the backward pass instead of
+    keeping them (timm's ``set_grad_checkpointing``: ``torch.utils.checkpoint`` over the
+    blocks, with the random state of drop path replayed, so the gradients are unchanged)."""
+    if not hasattr(backbone, "set_grad_checkpointing"):
+        raise DinoError(
+            f"--checkpoint-activations needs a timm backbone (our ViTs or a timm name), not "
+            f"{arch}; drop the flag"
+        )
+    backbone.set_grad_checkpointing(True)
 
 
 def check_input_sizes(backbone: nn.Module, cfg: Config) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,8 +22,11 @@ from dino.atomic_files import save_torch
 from dino.config import Config
 from dino.config_checks import resume_changes
 from dino.config_load import load_config
+from dino.data.datasets import TrainingData
 from dino.errors import DinoError
 from dino.training import run_lock
+from dino.training.bad_files import BadFiles
+from dino.training.batches import Batches
 from dino.training.checkpoint import (
     LATEST,
     NUMBERED,
@@ -34,12 +37,35 @@ from dino.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dino.training.distributed import replica_spread
-
-if TYPE_CHECKING:
-    from dino.training.trainer import Trainer
+from dino.training.distributed import Dist, replica_spread
+from dino.training.learner import Learner
+from dino.training.monitor import CollapseMonitor
 
 log = logging.getLogger("dino")
+
+
+class Run(Protocol):
+    """What a checkpoint holds of a run, and where it goes (the trainer's attributes)."""
+
+    cfg: Config
+    d: Dist
+    learner: Learner
+    data: TrainingData
+    batches: Batches
+    bad_files: BadFiles
+    monitor: CollapseMonitor
+    run_dir: Path
+    iteration: int
+    steps_per_epoch: int
+    knn_history: list[dict[str, Any]]
+    last_saved: int | None
+    resumed_in_place: bool
+
+
+def process_batch(optim: dict[str, Any]) -> int:
+    """Images per process and optimizer step of a saved config's ``optim`` section (0:
+    unknown)."""
+    return int(optim.get("batch_size", 0)) * int(optim.get("accumulate", 1))
 
 
 def default_run_dir() -> str:
@@ -116,12 +142,14 @@ def check_resume(
     if in_place and state is not None and "images" in state:
         changes.pop("data", None)  # the same images moved elsewhere: the Trainer counts them
     if state is not None:
-        old_batch = int((state.get("config") or {}).get("optim", {}).get("batch_size", 0))
+        old_batch = process_batch((state.get("config") or {}).get("optim", {}))
         old_world = int(state.get("world_size", 1))
-        old_global = old_world * (old_batch or saved.optim.batch_size)
-        if old_global == world * cfg.optim.batch_size:
-            changes.pop("batch_size", None)  # exact: the same global batch
-        elif in_place and "batch_size" not in changes:  # only the number of processes differs
+        old_global = old_world * (old_batch or saved.optim.batch_size * saved.optim.accumulate)
+        new_batch = cfg.optim.batch_size * cfg.optim.accumulate
+        if old_global == world * new_batch:  # exact: the same global batch
+            changes.pop("batch_size", None)
+            changes.pop("accumulate", None)
+        elif in_place and not {"batch_size", "accumulate"} & set(changes):  # processes only
             same = (
                 f"pass --batch-size {old_global // world} to resume it exactly"
                 if old_global % world == 0
@@ -130,7 +158,7 @@ def check_resume(
             raise DinoError(
                 f"{source} was made with a global batch of {old_global} ({old_world} "
                 f"process(es) x {old_batch}); on {world} process(es) {same}, or add --output-dir "
-                f"NEW to continue it with global batch {world * cfg.optim.batch_size} in a new "
+                f"NEW to continue it with global batch {world * new_batch} in a new "
                 f"run folder ({source} stays as it is)"
             )
 
@@ -220,18 +248,10 @@ def open_run_dir(
     return target, state
 
 
-def state_dict(t: Trainer) -> dict[str, Any]:
-    """The checkpoint of the trainer ``t`` at its current iteration."""
-    t.loss_fn.apply_center_update()
-    t.additions.apply_center_update()
-    ibot = t.additions.ibot_loss
+def state_dict(t: Run) -> dict[str, Any]:
+    """The checkpoint of the run ``t`` at its current iteration."""
     return {
-        "student": t.student.state_dict(),
-        "teacher": t.teacher.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "scaler": t.scaler.state_dict(),
-        "dino_loss": t.loss_fn.state_dict(),
-        **({"ibot_loss": ibot.state_dict()} if ibot is not None else {}),
+        **t.learner.state_dict(),
         "iteration": t.iteration,
         "epoch": t.iteration // t.steps_per_epoch,
         "world_size": t.d.world,
@@ -245,8 +265,8 @@ def state_dict(t: Trainer) -> dict[str, Any]:
     }
 
 
-def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
-    """Put the checkpoint ``s`` into the trainer ``t``."""
+def load_state_dict(t: Run, s: dict[str, Any]) -> None:
+    """Put the checkpoint ``s`` into the run ``t``."""
     trained_on = s.get("images")
     if t.resumed_in_place and trained_on is not None and trained_on != len(t.data.train):
         raise DinoError(
@@ -255,19 +275,7 @@ def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
             "own data with --data, or add --output-dir NEW to continue it on these images in a "
             "new run folder"
         )
-    try:
-        t.student.load_state_dict(s["student"])
-        t.teacher.load_state_dict(s["teacher"])
-        t.optimizer.load_state_dict(s["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise DinoError(
-            f"the checkpoint does not match this config ({str(exc).splitlines()[0]}); resume "
-            "with the config.yaml of its run folder"
-        ) from None
-    t.scaler.load_state_dict(s["scaler"])
-    t.loss_fn.load_state_dict(s["dino_loss"])
-    if t.additions.ibot_loss is not None and "ibot_loss" in s:
-        t.additions.ibot_loss.load_state_dict(s["ibot_loss"])
+    t.learner.load_state_dict(s)
     t.iteration = int(s["iteration"])
     t.bad_files.paths = list(s.get("bad_files", []))
     t.knn_history = list(s.get("knn_history", []))
@@ -275,7 +283,7 @@ def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
     if "monitor" in s:
         t.monitor.load_state_dict(s["monitor"])
     old_world = int(s.get("world_size", 1))
-    old_batch = int((s.get("config") or {}).get("optim", {}).get("batch_size", 0))
+    old_batch = process_batch((s.get("config") or {}).get("optim", {}))
     if old_batch and old_world * old_batch != t.batches.sampler.global_batch:
         _reposition(t, old_world, old_batch)  # into a new folder only (check_resume)
     elif old_world != t.d.world:
@@ -298,7 +306,7 @@ def load_state_dict(t: Trainer, s: dict[str, Any]) -> None:
             torch.manual_seed(t.cfg.run.seed * 1000 + t.d.rank + t.iteration)
 
 
-def _reposition(t: Trainer, old_world: int, old_batch: int) -> None:
+def _reposition(t: Run, old_world: int, old_batch: int) -> None:
     """Continue a checkpoint written with another global batch (``old_world`` processes of
     ``old_batch``) in a new run folder: the position in the epoch is converted to the new
     number of steps per epoch (in samples seen); the learning rate follows the new global
@@ -316,19 +324,19 @@ def _reposition(t: Trainer, old_world: int, old_batch: int) -> None:
         old_global,
         new_global,
         t.d.world,
-        t.cfg.optim.batch_size,
+        t.batches.sampler.batch_size,
         t.iteration,
         converted,
     )
     t.iteration = converted
 
 
-def save(t: Trainer) -> None:
+def save(t: Run) -> None:
     """Write the checkpoint of the current iteration (atomically), the teacher backbone
     (``teacher_backbone.pth``) and ``bad_files.txt``. Every process calls it."""
     if t.d.world > 1:
         t.bad_files.merge()
-        spread = replica_spread(t.teacher)
+        spread = replica_spread(t.learner.teacher)
         if spread > 0:
             log.warning(
                 "the teacher weights differ between processes (parameter sums by up to "
@@ -337,7 +345,7 @@ def save(t: Trainer) -> None:
             )
     if t.d.main:
         save_checkpoint(state_dict(t), t.run_dir, t.cfg.run.keep)
-        save_torch(t.teacher.backbone.state_dict(), t.run_dir / "teacher_backbone.pth")
+        save_torch(t.learner.teacher.backbone.state_dict(), t.run_dir / "teacher_backbone.pth")
         t.bad_files.write()
     t.last_saved = t.iteration
     if t.d.world > 1:

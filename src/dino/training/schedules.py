@@ -50,6 +50,18 @@ def linear_warmup_then_constant(
     )
 
 
+@dataclass(frozen=True)
+class StepValues:
+    """The scheduled values of one training step (:func:`dino.training.step.train_step`)."""
+
+    iteration: int
+    lr: float
+    weight_decay: float
+    momentum: float  # of the teacher's EMA
+    teacher_temp: float
+    freeze_last_layer: bool  # the head's last layer gets no update in this step
+
+
 @dataclass
 class Schedules:
     """One value per iteration of every scheduled quantity."""
@@ -58,6 +70,19 @@ class Schedules:
     wd: np.ndarray
     momentum: np.ndarray
     teacher_temp: np.ndarray
+    last_layer_frozen: np.ndarray  # bool: the first --freeze-last-layer epochs
+
+    def at(self, iteration: int) -> StepValues:
+        """The values of step ``iteration``."""
+        i = iteration
+        return StepValues(
+            i,
+            float(self.lr[i]),
+            float(self.wd[i]),
+            float(self.momentum[i]),
+            float(self.teacher_temp[i]),
+            bool(self.last_layer_frozen[i]),
+        )
 
     @classmethod
     def build(cls, cfg: Config, steps_per_epoch: int, global_batch: int) -> Schedules:
@@ -74,7 +99,36 @@ class Schedules:
                 total,
                 round(lo.warmup_teacher_temp_epochs * steps_per_epoch),
             ),
+            last_layer_frozen=np.arange(total) / steps_per_epoch < o.freeze_last_layer,
         )
+
+
+#: The lengths in epochs that cannot exceed the run, ``(section, field)``.
+WARMUPS = (
+    ("optim", "warmup_epochs"),
+    ("loss", "warmup_teacher_temp_epochs"),
+    ("optim", "freeze_last_layer"),
+)
+
+
+def shorten_warmups(cfg: Config) -> Config:
+    """``cfg`` itself when its warm-ups and last-layer freeze fit in ``--epochs``, else a copy
+    where those longer than the run are cut to its length, with one warning naming the new
+    values (a quick ``dino train --data DIR --epochs 1`` trial of a 100-epoch recipe runs)."""
+    epochs = cfg.optim.epochs
+    long = [(s, n) for s, n in WARMUPS if getattr(getattr(cfg, s), n) > epochs]
+    if not long:
+        return cfg
+    out = copy.deepcopy(cfg)
+    for section, name in long:
+        setattr(getattr(out, section), name, epochs)
+    log.warning(
+        "--epochs %d is shorter than %s: shortened to the run's %d epochs",
+        epochs,
+        ", ".join(f"--{n.replace('_', '-')} {getattr(getattr(cfg, s), n):g}" for s, n in long),
+        epochs,
+    )
+    return out
 
 
 def stretch_to_min_steps(cfg: Config, steps_per_epoch: int) -> tuple[Config, float]:

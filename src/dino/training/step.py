@@ -11,7 +11,7 @@ iBOT terms join the loss of the student's global views when they are on
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,81 +19,121 @@ import torch.distributed as dist
 from torch import nn
 
 from dino.data.seeding import sample_keys
+from dino.loss.dino_clstoken import TeacherTargets
 from dino.models.multicrop import same_size_runs
 from dino.training.distributed import all_mean
+from dino.training.learner import Learner
+from dino.training.schedules import StepValues
 
-if TYPE_CHECKING:
-    from dino.training.trainer import Trainer
 
+def train_step(m: Learner, views: list[torch.Tensor], v: StepValues) -> dict[str, Any]:
+    """One optimization step of ``m`` on a batch of multi-crop ``views`` (the two global views
+    first) with this step's values ``v``. Returns the step's statistics, or ``{"skipped":
+    reason}`` when the loss or a gradient was not finite: then nothing changes (weights,
+    optimizer, teacher, center), except that an fp16 loss scale is lowered.
 
-def train_step(t: Trainer, views: list[torch.Tensor]) -> dict[str, Any]:
-    """One optimization step of the trainer ``t`` at iteration ``t.iteration`` on a batch of
-    multi-crop ``views`` (the two global views first). Returns the step's statistics, or
-    ``{"skipped": reason}`` when the loss or a gradient was not finite: then nothing changes
-    (weights, optimizer, teacher, center), except that an fp16 loss scale is lowered."""
-    it = t.iteration
-    # drop path draws from torch's generator: seeding it from the iteration makes every step
-    # independent of what ran before it (resume, k-NN evaluation, DataLoader start-up)
-    torch.manual_seed(step_seed(t.cfg.run.seed, t.d.rank, it))
-    for group in t.optimizer.param_groups:  # this iteration's schedules
-        group["lr"] = float(t.sched.lr[it])
+    With ``m.accumulate`` = N the batch is cut into N parts whose gradients add up before the
+    one optimizer step: the teacher sees the whole batch (no gradients, so no activations kept),
+    the student one part at a time, each part's loss weighted 1/N."""
+    for group in m.optimizer.param_groups:  # this iteration's schedules
+        group["lr"] = v.lr
         if group["apply_wd"]:
-            group["weight_decay"] = float(t.sched.wd[it])
-    x = t.additions  # DINOv2's KoLeo and iBOT terms (inactive: the step is DINO's alone)
-    masks = x.masks(it, views[0].shape[0])  # iBOT's masked patches of the global views, or None
-    temp = float(t.sched.teacher_temp[it])
-    with t.autocast(), torch.no_grad():  # teacher: global views only
-        teacher_out = t.teacher(views[:2], masks, mask_input=False, detailed=True)
-    targets = t.loss_fn.targets(teacher_out.logits, temp)
-    patch_targets = x.patch_targets(teacher_out, temp)
-    t.optimizer.zero_grad(set_to_none=True)
-    # the student's views one resolution at a time, each part backpropagated before the next
-    # part's forward: the loss is a sum over views, and one resolution's activations are alive
-    # at a time instead of all of them (DDP averages the gradients on the last part)
-    parts = student_parts(t, views)
-    loss, extras = torch.zeros((), device=t.device), {}
-    for k, (first, end) in enumerate(parts):
-        no_sync = getattr(t.student_ddp, "no_sync", None)
-        with nullcontext() if k == len(parts) - 1 or no_sync is None else no_sync():
-            with t.autocast():
-                out = t.student_ddp(views[first:end], masks if first == 0 else None, detailed=True)
-                part, added = t.loss_fn.student_term(out.logits, targets, first, len(views)), None
-                if first == 0 and x.active:  # KoLeo and iBOT: terms of the global views
-                    added, extras = x.loss(out, views[0].shape[0], patch_targets, masks)
-            t.scaler.scale(part if added is None else part + added).backward()
-        loss = loss + part.detach()
+            group["weight_decay"] = v.weight_decay
+    x = m.additions  # DINOv2's KoLeo and iBOT terms (inactive: the step is DINO's alone)
+    masks = x.masks(v.iteration, views[0].shape[0])  # iBOT's masked patches of the global views
+    with m.autocast(), torch.no_grad():  # teacher: global views only
+        teacher_out = m.teacher(views[:2], masks, mask_input=False, detailed=True)
+    targets = m.loss_fn.targets(teacher_out.logits, v.teacher_temp)
+    patch_targets = x.patch_targets(teacher_out, v.teacher_temp)
+    m.optimizer.zero_grad(set_to_none=True)
+    loss, extras = torch.zeros((), device=targets.probs.device), {}
+    for k, (part, part_targets) in enumerate(micro_batches(views, targets, m.accumulate)):
+        last = k == m.accumulate - 1
+        part_loss, part_extras = student_backward(m, part, part_targets, masks, patch_targets, last)
+        loss = loss + part_loss / m.accumulate
+        extras = {n: extras.get(n, 0) + e / m.accumulate for n, e in part_extras.items()}
     stats = targets.stats(loss)
-    t.scaler.unscale_(t.optimizer)  # a no-op without fp16 loss scaling
-    grads = [p.grad for p in t.params if p.grad is not None]
+    m.scaler.unscale_(m.optimizer)  # a no-op without fp16 loss scaling
+    grads = [p.grad for p in m.params if p.grad is not None]
     norms = list(torch._foreach_norm(grads)) if grads else []
-    skipped = non_finite(loss + sum(extras.values()), norms, t.d.world)
+    skipped = non_finite(loss + sum(extras.values()), norms, m.world)
     if skipped:  # every process takes the same decision
-        t.loss_fn.discard_center_update()
+        m.loss_fn.discard_center_update()
         x.discard_center_update()
-        if t.scaler.is_enabled():
-            t.scaler.update()  # lowers the loss scale
-        t.optimizer.zero_grad(set_to_none=True)
+        if m.scaler.is_enabled():
+            m.scaler.update()  # lowers the loss scale
+        m.optimizer.zero_grad(set_to_none=True)
         return {"skipped": skipped}
-    if t.cfg.optim.clip_grad > 0:
-        clip_per_parameter(t.params, t.cfg.optim.clip_grad, norms)
-    if it / t.steps_per_epoch < t.cfg.optim.freeze_last_layer:  # the head's last layer waits
-        for p in t.last_layer:
+    if m.clip_grad > 0:
+        clip_per_parameter(m.params, m.clip_grad, norms)
+    if v.freeze_last_layer:  # the head's last layer waits
+        for p in m.last_layer:
             p.grad = None
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    ema_update(t.teacher, t.student, float(t.sched.momentum[it]))
-    t.loss_fn.apply_center_update()
+    m.scaler.step(m.optimizer)
+    m.scaler.update()
+    ema_update(m.teacher, m.student, v.momentum)
+    m.loss_fn.apply_center_update()
     x.apply_center_update()
-    return summary(loss, stats, t.d.world, extras)
+    return summary(loss, stats, m.world, extras)
 
 
-def student_parts(t: Trainer, views: list[torch.Tensor]) -> list[tuple[int, int]]:
+def student_backward(
+    m: Learner,
+    views: list[torch.Tensor],
+    targets: TeacherTargets,
+    masks: torch.Tensor | None,
+    patch_targets: torch.Tensor | None,
+    last: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Backpropagate the student's loss on ``views`` (weighted ``1 / m.accumulate``); returns
+    the (unweighted, detached) DINO loss and the additions' terms.
+
+    The student's views go one resolution at a time, each part backpropagated before the next
+    part's forward: the loss is a sum over views, and one resolution's activations are alive at
+    a time instead of all of them. DDP averages the gradients on the ``last`` batch's last part.
+    """
+    parts = student_parts(m, views)
+    loss, extras = torch.zeros((), device=targets.probs.device), {}
+    for k, (first, end) in enumerate(parts):
+        no_sync = getattr(m.student_ddp, "no_sync", None)
+        sync = last and k == len(parts) - 1
+        with nullcontext() if sync or no_sync is None else no_sync():
+            with m.autocast():
+                out = m.student_ddp(views[first:end], masks if first == 0 else None, detailed=True)
+                part, added = m.loss_fn.student_term(out.logits, targets, first, len(views)), None
+                if first == 0 and m.additions.active:  # KoLeo and iBOT: terms of global views
+                    added, extras = m.additions.loss(out, views[0].shape[0], patch_targets, masks)
+            total = part if added is None else part + added
+            m.scaler.scale(total if m.accumulate == 1 else total / m.accumulate).backward()
+        loss = loss + part.detach()
+    return loss, extras
+
+
+def micro_batches(
+    views: list[torch.Tensor], targets: TeacherTargets, n: int
+) -> list[tuple[list[torch.Tensor], TeacherTargets]]:
+    """The ``n`` accumulated batches: each one's views and teacher targets (``n`` = 1: the
+    batch itself)."""
+    if n == 1:
+        return [(views, targets)]
+    batch = views[0].shape[0]
+    if batch % n:
+        raise ValueError(f"a batch of {batch} does not split into {n} equal parts")
+    out = []
+    for rows in (slice(i * batch // n, (i + 1) * batch // n) for i in range(n)):
+        probs = targets.probs[:, rows]
+        part = TeacherTargets(probs, probs.sum(0), targets.entropy, targets.batch_entropy)
+        out.append(([view[rows] for view in views], part))
+    return out
+
+
+def student_parts(m: Learner, views: list[torch.Tensor]) -> list[tuple[int, int]]:
     """``(first, end)`` of each run of same-sized views; all views at once when the head has
     BatchNorm (its statistics are over all views, as in the reference code). With iBOT the global
     views come last: DDP averages the gradients on the last part, which must then use every
     parameter (the mask token and the patch head serve the global views only)."""
-    parts = [(0, len(views))] if t.head_has_bn else same_size_runs(views)
-    return parts[1:] + parts[:1] if t.additions.ibot_loss is not None else parts
+    parts = [(0, len(views))] if m.head_has_bn else same_size_runs(views)
+    return parts[1:] + parts[:1] if m.additions.ibot_loss is not None else parts
 
 
 def non_finite(loss: torch.Tensor, norms: list[torch.Tensor], world: int) -> str | None:

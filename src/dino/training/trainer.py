@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -25,30 +24,32 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
+import dino.training.run_lock as run_lock
+import dino.training.run_state as run_state
 from dino.atomic_files import atomic_write
 from dino.config import Config
 from dino.data.datasets import open_training_data
-from dino.devices import AUTOCAST_DTYPES, resolve_device, resolve_precision
+from dino.devices import resolve_device, resolve_precision
 from dino.errors import DinoError
-from dino.loss import DINOLoss
-from dino.models.backbones import has_batchnorm
-from dino.training import run_lock, run_state
-from dino.training.additions import Additions
 from dino.training.bad_files import BadFiles
-from dino.training.batches import Batches
-from dino.training.distributed import Dist, max_over_ranks, setup_distributed, sync_batchnorm
-from dino.training.init_from import against_start, init_head_and_center, log_start
-from dino.training.knn import teacher_knn
+from dino.training.batches import Batches, check_steps_per_epoch
+from dino.training.distributed import Dist, setup_distributed
+from dino.training.init_from import against_start, log_start
+from dino.training.knn import check_knn_k, teacher_knn
+from dino.training.learner import Learner, build_learner
 from dino.training.memory import check_memory
 from dino.training.metrics import MetricsFile
 from dino.training.monitor import CollapseMonitor
-from dino.training.networks import build_networks
-from dino.training.optim import build_optimizer
-from dino.training.schedules import Schedules, stretch_to_min_steps, warn_if_too_short
-from dino.training.step import train_step
+from dino.training.schedules import (
+    Schedules,
+    shorten_warmups,
+    stretch_to_min_steps,
+    warn_if_too_short,
+)
+from dino.training.step import step_seed, train_step
+from dino.training.stopping import Interrupted, StopSignals
 
 log = logging.getLogger("dino")
 
@@ -57,7 +58,6 @@ class Trainer:
     """Owns one run: networks, optimizer, loss, schedules, data and the run folder."""
 
     def __init__(self, cfg: Config, resume: str | Path | None = None) -> None:
-        self.cfg = cfg
         self.d: Dist = setup_distributed(cfg.run.device)
         self.device = resolve_device(cfg.run.device, self.d.world, self.d.local_rank)
         self.precision = resolve_precision(cfg.run.precision, self.device)
@@ -67,57 +67,28 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + self.d.rank)
         # a folder's file list is cached beside it, or in the run folder (read-only parent)
         self.data = open_training_data(cfg.data.data, cfg.data.subset, self.run_dir)
-        self.batches = Batches(cfg, self.data.train, self.d, self.device)
-        self.steps_per_epoch = self.batches.steps_per_epoch()
-        # a small dataset's epochs are few steps: the run grows to --min-steps (the config
+        check_knn_k(cfg, self.data)  # k values larger than the k-NN bank
+        self.steps_per_epoch = check_steps_per_epoch(len(self.data.train), cfg, self.d.world)
+        # the run's config, final from here on: warm-ups longer than --epochs are shortened;
+        # a small dataset's epochs are few steps, so the run grows to --min-steps (the config
         # written to the run folder says so), and a run still too short to learn is warned about
-        self.cfg = cfg = stretch_to_min_steps(cfg, self.steps_per_epoch)[0]
+        self.cfg = cfg = stretch_to_min_steps(shorten_warmups(cfg), self.steps_per_epoch)[0]
+        self.batches = Batches(cfg, self.data.train, self.d, self.device)
         global_batch = self.batches.sampler.global_batch
         warn_if_too_short(cfg, self.steps_per_epoch, len(self.data.train), global_batch)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
-        self.sched = Schedules.build(cfg, self.steps_per_epoch, self.batches.sampler.global_batch)
-
+        self.sched = Schedules.build(cfg, self.steps_per_epoch, global_batch)
         check_memory(cfg, self.device, len(self.data.train))  # before allocating the networks
-        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.student, self.teacher = build_networks(cfg, load_init=resume_state is None)
-        self.student.to(self.device)
-        self.teacher.to(self.device)
-        if self.d.world > 1 and has_batchnorm(self.student):  # any BatchNorm, head's included
-            self.student = sync_batchnorm(self.student, self.device)  # global-batch statistics
-            self.teacher = sync_batchnorm(self.teacher, self.device)
-        if cfg.run.compile:  # in place: parameter names (checkpoints) and DDP are unchanged
-            self.student.compile()
-            self.teacher.compile()
-        self.student_ddp: nn.Module = self.student
-        if self.d.world > 1:
-            self.student_ddp = nn.parallel.DistributedDataParallel(
-                self.student,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            )
-        self.head_has_bn = has_batchnorm(self.student.head)  # then all views go through together
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
-        heads = [h for h in (self.student.head, self.student.patch_head) if h is not None]
-        self.last_layer = [p for h in heads for p in h.last_layer.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.student, cfg, self.device)
-        self.loss_fn = DINOLoss(
-            cfg.model.out_dim,
-            2,
-            cfg.loss.student_temp,
-            cfg.loss.center_momentum,
-            cfg.loss.centering,
-        ).to(self.device)
-        if resume_state is None:  # continued pretraining (--init): DINO head and loss center
-            init_head_and_center(self.student, self.teacher, self.loss_fn, cfg.model)
-        self.knn_start: dict[str, Any] | None = None  # k-NN of the --init weights
-        self.additions = Additions(cfg, self.d.rank, self.device)  # DINOv2's KoLeo and iBOT
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
-        self.monitor = CollapseMonitor(cfg.model.out_dim, cfg.optim.batch_size)
+        self.learner: Learner = build_learner(
+            cfg, self.d, self.device, self.precision, load_init=resume_state is None
+        )
+        self.monitor = CollapseMonitor(cfg.model.out_dim, self.batches.sampler.batch_size)
         self.iteration = 0
         self.bad_files = BadFiles(
             self.run_dir, cfg.data.data, len(self.data.train), cfg.data.max_bad_fraction, self.d
         )
         self.knn_history: list[dict[str, Any]] = []
+        self.knn_start: dict[str, Any] | None = None  # k-NN of the --init weights
         self.last_saved: int | None = None
         source = Path(resume) if resume is not None else None
         source = source if source is None or source.is_dir() else source.parent
@@ -127,8 +98,16 @@ class Trainer:
             self.last_saved = self.iteration
             self._check_work_left(resume)
         self.steps_run = self.good_steps = 0  # in this process's session
-        self._stop_signal: int | None = None
+        self.stop = StopSignals(self.d, self.device)
         self._log_handler: logging.Handler | None = None
+
+    def step(self, views: list[torch.Tensor]) -> dict[str, Any]:
+        """The training step of the current iteration on ``views`` (the iteration does not
+        advance). Drop path draws from torch's generator: seeding it from the iteration makes
+        every step independent of what ran before it (resume, k-NN evaluation, DataLoader
+        start-up)."""
+        torch.manual_seed(step_seed(self.cfg.run.seed, self.d.rank, self.iteration))
+        return train_step(self.learner, views, self.sched.at(self.iteration))
 
     def _check_work_left(self, resume: str | Path | None) -> None:
         """Refuse to resume a run that is already complete (its results are written), or to
@@ -157,35 +136,10 @@ class Trainer:
         """Write the checkpoint of the current iteration (:func:`run_state.save`)."""
         run_state.save(self)
 
-    def autocast(self) -> torch.autocast:
-        """The run's mixed precision (a no-op in fp32)."""
-        return torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        )
-
     def knn(self) -> dict[str, dict[str, float]] | None:
-        """Weighted k-NN of the teacher backbone's features (bank: train, queries: held out)."""
-        return teacher_knn(
-            self.teacher.backbone, self.data, self.cfg, self.d, self.device, self.autocast_dtype
-        )
-
-    # ---------------------------------------------------------------- stopping
-    def request_stop(self, signum: int, _frame: Any = None) -> None:
-        """Ask the run to save a checkpoint after the current step and exit with code
-        128 + ``signum`` (the SIGTERM and SIGINT handler)."""
-        self._stop_signal = signum
-
-    def _stop_requested(self) -> bool:
-        """Whether a stop signal reached this process or, in a multi-process run, any other:
-        all processes get the same answer, so they save and exit at the same iteration (a
-        process alone in a collective would wait for the others forever)."""
-        if self.d.world > 1:
-            agreed = max_over_ranks(self._stop_signal or 0, self.device)
-            if agreed:
-                self._stop_signal = self._stop_signal or agreed
-        return self._stop_signal is not None
+        """Weighted k-NN of the teacher backbone's fp32 features (bank: train, queries: held
+        out), the numbers ``dino knn`` gives for the same weights."""
+        return teacher_knn(self.learner.teacher.backbone, self.data, self.cfg, self.d, self.device)
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:
@@ -213,8 +167,8 @@ class Trainer:
                 self._log_handler = None
 
     def _run(self, metrics: MetricsFile | None) -> dict[str, Any]:
-        cfg, d = self.cfg, self.d
-        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        """The epoch loop; a stop signal saves and exits (:meth:`_exit_on_signal`)."""
+        cfg = self.cfg
         log.info(
             "training %s on %s: %d images, %d steps/epoch x %d epochs, global batch %d, %s on %s",
             cfg.model.arch,
@@ -226,96 +180,21 @@ class Trainer:
             self.precision,
             self.device,
         )
-        start_epoch = self.iteration // self.steps_per_epoch
         t_start, cpu_start = time.time(), time.process_time()
-        bar: tqdm | None = None
-        try:
-            if cfg.model.init and self.iteration == 0 and self.knn_start is None:
-                self.knn_start = log_start(self.knn(), metrics)
-            evaluated = {int(h["epoch"]) for h in self.knn_history}
-            if (
-                0 < start_epoch < cfg.optim.epochs
-                and self.iteration == start_epoch * self.steps_per_epoch
-                and self._eval_due(start_epoch)
-                and start_epoch not in evaluated
-            ):  # the checkpoint was written at an epoch end before its evaluation
-                self._eval_and_log(metrics, start_epoch)
-                self.save()
-            for epoch in range(start_epoch, cfg.optim.epochs):
-                start = self.iteration - epoch * self.steps_per_epoch
-                bar = tqdm(
-                    total=self.steps_per_epoch,
-                    initial=start,
-                    desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                    disable=not d.main,
-                    dynamic_ncols=True,
-                    mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                )
-                t_last, n_last = time.time(), 0
-                for views, bad in self._batches(epoch, start):
-                    self.bad_files.note(bad)
-                    it = self.iteration
-                    out = train_step(self, views)
-                    self.iteration += 1
-                    self.steps_run += 1
-                    self.good_steps += "skipped" not in out
-                    n_last += views[0].shape[0] * d.world
-                    self._after_step(it, out, metrics)
-                    now = time.time()
-                    if "loss" in out and now - t_last > 2.0:
-                        bar.set_postfix(
-                            loss=f"{out['loss']:.3f}", img_s=f"{n_last / (now - t_last):.0f}"
-                        )
-                        t_last, n_last = now, 0
-                    bar.update(1)
-                    if self._stop_requested():
-                        raise _Interrupted
-                    if (
-                        cfg.run.save_every
-                        and self.iteration % cfg.run.save_every == 0
-                        and self.iteration % self.steps_per_epoch  # the epoch end saves below
-                        and not self.monitor.bad_streak  # keep the last good checkpoint
-                    ):
-                        self.save()
-                bar.close()
-                last = epoch + 1 == cfg.optim.epochs
-                if last and self.steps_run and not self.good_steps:
-                    raise DinoError(self._no_update_message())
-                if self._eval_due(epoch + 1) and not last:
-                    self._eval_and_log(metrics, epoch + 1)
-                if not self.monitor.bad_streak or last:
-                    self.save()
-                if self._stop_requested():
-                    raise _Interrupted
-        except RuntimeError as exc:
-            if self._stop_signal is None or "DataLoader worker" not in str(exc):
-                raise
-            # the signal also reached a DataLoader worker that was starting, and torch reported
-            # it in the middle of a step: that step's state is not known to be whole
-            log.warning(
-                "signal %d received while the data loader's workers stopped: keeping %s",
-                self._stop_signal,
-                "no checkpoint (none was written yet)"
-                if self.last_saved is None
-                else f"the last checkpoint (iteration {self.last_saved})",
-            )
-            log.warning("continue with `dino train --resume %s`", self.run_dir)
-            raise SystemExit(128 + self._stop_signal) from None
-        except _Interrupted:
-            log.warning(
-                "signal %d received: saving a checkpoint at iteration %d and exiting",
-                self._stop_signal,
-                self.iteration,
-            )
-            if self.last_saved != self.iteration:
-                self.save()
-            log.warning("continue with `dino train --resume %s`", self.run_dir)
-            raise SystemExit(128 + (self._stop_signal or 0)) from None
-        finally:
-            if bar is not None:
-                bar.close()
-            for s, h in old.items():
-                signal.signal(s, h)
+        with self.stop:
+            try:
+                if cfg.model.init and self.iteration == 0 and self.knn_start is None:
+                    self.knn_start = log_start(self.knn(), metrics)
+                self._evaluate_missed_epoch_end(metrics)
+                for epoch in range(self.iteration // self.steps_per_epoch, cfg.optim.epochs):
+                    self._train_epoch(epoch, metrics)
+                    self._end_epoch(epoch, metrics)
+            except RuntimeError as exc:
+                if not self.stop.stopped_workers(exc):
+                    raise
+                self._exit_on_signal(mid_step=True)
+            except Interrupted:
+                self._exit_on_signal(mid_step=False)
         results: dict[str, Any] = {
             "iterations": self.iteration,
             "train_seconds": time.time() - t_start,
@@ -323,7 +202,7 @@ class Trainer:
             "train_cpu_seconds": time.process_time() - cpu_start,
         }
         knn = self._eval_and_log(metrics, cfg.optim.epochs)
-        if d.main:
+        if self.d.main:
             results["knn"] = knn
             results["knn_history"] = self.knn_history
             results["knn_start"] = self.knn_start  # of the --init weights (None without)
@@ -332,6 +211,99 @@ class Trainer:
             atomic_write(self.run_dir / "results.json", lambda f: f.write(text.encode()))
             log.info("run folder: %s", self.run_dir)
         return results
+
+    def _train_epoch(self, epoch: int, metrics: MetricsFile | None) -> None:
+        """The steps of ``epoch`` from the current iteration on."""
+        start = self.iteration - epoch * self.steps_per_epoch
+        with tqdm(
+            total=self.steps_per_epoch,
+            initial=start,
+            desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}",
+            disable=not self.d.main,
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        ) as bar:
+            t_last, n_last = time.time(), 0
+            for views, bad in self._batches(epoch, start):
+                self.bad_files.note(bad)
+                it = self.iteration
+                out = self.step(views)
+                self.iteration += 1
+                self.steps_run += 1
+                self.good_steps += "skipped" not in out
+                n_last += views[0].shape[0] * self.d.world
+                self._after_step(it, out, metrics)
+                now = time.time()
+                if "loss" in out and now - t_last > 2.0:
+                    bar.set_postfix(
+                        loss=f"{out['loss']:.3f}", img_s=f"{n_last / (now - t_last):.0f}"
+                    )
+                    t_last, n_last = now, 0
+                bar.update(1)
+                self.stop.check()
+                if self._checkpoint_due():
+                    self.save()
+
+    def _checkpoint_due(self) -> bool:
+        """Whether a checkpoint is written after this step, within an epoch (``--save-every``;
+        the epoch end saves in :meth:`_end_epoch`); never in a streak of skipped steps, which
+        keeps the last good checkpoint."""
+        every, it = self.cfg.run.save_every, self.iteration
+        return (
+            bool(every)
+            and it % every == 0
+            and bool(it % self.steps_per_epoch)
+            and (not self.monitor.bad_streak)
+        )
+
+    def _end_epoch(self, epoch: int, metrics: MetricsFile | None) -> None:
+        """After ``epoch``: refuse a run that trained nothing, evaluate when due (the last
+        evaluation is the results'), save, and stop if asked."""
+        last = epoch + 1 == self.cfg.optim.epochs
+        if last and self.steps_run and not self.good_steps:
+            raise DinoError(self._no_update_message())
+        if self._eval_due(epoch + 1) and not last:
+            self._eval_and_log(metrics, epoch + 1)
+        if not self.monitor.bad_streak or last:
+            self.save()
+        self.stop.check()
+
+    def _evaluate_missed_epoch_end(self, metrics: MetricsFile | None) -> None:
+        """A resumed checkpoint written at an epoch end before its evaluation: evaluate now."""
+        epoch = self.iteration // self.steps_per_epoch
+        evaluated = {int(h["epoch"]) for h in self.knn_history}
+        if (
+            0 < epoch < self.cfg.optim.epochs
+            and self.iteration == epoch * self.steps_per_epoch
+            and self._eval_due(epoch)
+            and epoch not in evaluated
+        ):
+            self._eval_and_log(metrics, epoch)
+            self.save()
+
+    def _exit_on_signal(self, mid_step: bool) -> None:
+        """Save the current iteration and exit with 128 + the signal; ``mid_step``: the signal
+        also reached a DataLoader worker that was starting, and torch reported it in the middle
+        of a step, whose state is then not known to be whole: keep the last checkpoint."""
+        signum = self.stop.signum or 0
+        if mid_step:
+            log.warning(
+                "signal %d received while the data loader's workers stopped: keeping %s",
+                signum,
+                "no checkpoint (none was written yet)"
+                if self.last_saved is None
+                else f"the last checkpoint (iteration {self.last_saved})",
+            )
+        else:
+            log.warning(
+                "signal %d received: saving a checkpoint at iteration %d and exiting",
+                signum,
+                self.iteration,
+            )
+            if self.last_saved != self.iteration:
+                self.save()
+        log.warning("continue with `dino train --resume %s`", self.run_dir)
+        raise SystemExit(128 + signum) from None
 
     def _no_update_message(self) -> str:
         """Why a run whose steps were all skipped (non-finite) ends without results."""
@@ -357,9 +329,9 @@ class Trainer:
             except StopIteration:
                 return
             except RuntimeError as exc:
-                if self._stop_signal is None or "DataLoader worker" not in str(exc):
+                if not self.stop.stopped_workers(exc):
                     raise
-                raise _Interrupted from None
+                raise Interrupted from None
             yield item
 
     def _eval_due(self, epoch: int) -> bool:
@@ -391,15 +363,16 @@ class Trainer:
         if warning:
             log.warning("iteration %d: %s", it, warning)
         if metrics and (it % cfg.run.log_every == 0 or warning):
+            v = self.sched.at(it)
             metrics.write(
                 {
                     "iteration": it,
                     "epoch": it / self.steps_per_epoch,
                     **out,
-                    "lr": float(self.sched.lr[it]),
-                    "wd": float(self.sched.wd[it]),
-                    "momentum": float(self.sched.momentum[it]),
-                    "teacher_temp": float(self.sched.teacher_temp[it]),
+                    "lr": v.lr,
+                    "wd": v.weight_decay,
+                    "momentum": v.momentum,
+                    "teacher_temp": v.teacher_temp,
                     **({"collapse": self.monitor.mode, "warning": warning} if warning else {}),
                 }
             )
@@ -441,10 +414,6 @@ class Trainer:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("dino").addHandler(handler)
         self._log_handler = handler
-
-
-class _Interrupted(Exception):
-    pass
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
