@@ -99,9 +99,12 @@ def classify(args: argparse.Namespace) -> int:
         device=args.device,
     )
     if args.sheet:
-        from dino.viz.contact_sheet import contact_sheet, save_sheet
+        from dino.atomic_files import atomic_write
+        from dino.viz.drawing import neighbours_sheet
 
-        save_sheet(contact_sheet(res["examples"], open_picture), args.sheet)
+        picture = neighbours_sheet(res["examples"], open_picture)
+        Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(args.sheet), lambda f: picture.save(f, format="PNG"))
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=2))
         return 0

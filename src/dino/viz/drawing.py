@@ -4,7 +4,7 @@ sheets of them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +168,17 @@ def contact_sheet(
     """The pictures as titled panels of ``height`` px, ``columns`` to a row."""
     items = list(zip(pictures, titles, strict=True))
     return titled_rows([items[i : i + columns] for i in range(0, len(items), columns)], height)
+
+
+def neighbours_sheet(
+    examples: Sequence[dict], open_picture: Callable[[str], Image.Image], neighbours: int = 5
+) -> Image.Image:
+    """One row per example of :func:`dino.eval.classify.classify_images`' ``examples``: the new
+    image titled with its predicted label, then its ``neighbours`` nearest bank images titled
+    with their similarity."""
+    rows = []
+    for ex in examples:
+        row = [(open_picture(ex["file"]), str(ex["label"])[:16])]
+        row += [(open_picture(name), f"{sim:.3f}") for name, sim in ex["neighbours"][:neighbours]]
+        rows.append(row)
+    return titled_rows(rows)
