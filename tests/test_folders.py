@@ -47,6 +47,24 @@ def noise_with_copies(root: Path) -> Path:
     return root
 
 
+def test_extract_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    """The memory-mapped feature files take their disk space before the first row is written:
+    no space is one error line (a write through a map to a full disk would be a SIGBUS)."""
+    import errno
+    import os
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    out = tmp_path / "feats"
+    args = ["extract", *RANDOM_PICO, "--data", str(two_colours(tmp_path / "imgs", 3))]
+    code, _, err = run_cli([*args, "--output", str(out), "--patch-tokens", *VIEW], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "features.npy" in line and "no space left" in line.lower()
+    assert not (out / "features.npy").exists()
+
+
 def test_extract_patch_tokens_stream_to_npy(tmp_path, capsys) -> None:
     src = two_colours(tmp_path / "imgs", 3)
     (src / "red" / "zz-broken.png").write_bytes(b"\x89PNG not really")

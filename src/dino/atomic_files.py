@@ -254,3 +254,20 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[A
     w.writerow(header)
     w.writerows(rows)
     write_text(path, buf.getvalue())
+
+
+def reserve(path: str | Path, size: int) -> None:
+    """Allocate ``size`` bytes of the file ``path`` on disk now, so that a memory-mapped file
+    written later cannot run out of space half-way (a page written to a full disk through a map
+    kills the process with SIGBUS instead of raising); no space is a :class:`WriteFailure`."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without allocation
+            return
+        _remove_quietly(Path(path))
+        raise write_failure(path, exc) from None

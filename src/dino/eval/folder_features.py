@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from dino.atomic_files import reserve
 from dino.data.datasets import (
     BUILTIN,
     ImageFiles,
@@ -188,6 +189,7 @@ def extract_to_files(
         for name, a in arrays.items():
             if name not in files:
                 files[name] = open_memmap(out / name, "w+", a.dtype, (n, *a.shape[1:]))
+                reserve(out / name, files[name].offset + files[name].nbytes)
             files[name][rows] = a
         labels[rows], keep[rows] = b.labels, b.keep
         bar.update(len(b.keep))
