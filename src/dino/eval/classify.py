@@ -330,7 +330,10 @@ def classify_images(
         labeled = bank_features(model, bank, view, cache_dir, batch_size, num_workers, dev)
         classes = labeled.classes
         columns = [c for i in range(1, k + 1) for c in (f"neighbour{i}", f"similarity{i}")]
-    truth = {c: classes.index(c) for c in queries.classes if c in classes}
+    # a class folder is named after its class (a "/" in the name, as Fashion-MNIST's
+    # "T-shirt/top", cannot be in a folder's name: "-" stands for it)
+    folder_names = {c.replace("/", "-"): i for i, c in enumerate(classes)}
+    truth = {c: folder_names[c] for c in queries.classes if c in folder_names}
     counts = dict.fromkeys(classes, 0)
     examples: list[dict[str, Any]] = []
     shown = set(np.linspace(0, len(queries) - 1, SHEET_ROWS).round().astype(int).tolist())
