@@ -139,7 +139,7 @@ def test_a_second_writer_is_refused_naming_the_holder(images, finished, tmp_path
     assert main(["train", "--resume", str(run)]) == 0
     assert (run / "results.json").exists()
     assert json.loads((run / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
-    assert not run_lock.held_folders()  # released at the end of the run
+    assert run.resolve() not in run_lock.held_folders()  # released at the end of the run
 
 
 # ---------------------------------------------------------------- checksums
