@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dino.atomic_files import write_csv, write_json
+from dino.config import KNN_KS, KNN_TEMPERATURE
 from dino.devices import resolve_device
 from dino.errors import DinoError
 from dino.eval.features import extract
@@ -86,8 +87,8 @@ def features_of(
 def knn_eval(
     backbone: nn.Module | str | Path,
     data: str = "fashion-mnist",
-    ks: list[int] | tuple[int, ...] = (10, 20, 100, 200),
-    temperature: float = 0.07,
+    ks: list[int] | tuple[int, ...] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
     view: EvalView | None = None,
     batch_size: int = 128,
     num_workers: int = 0,

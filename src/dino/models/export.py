@@ -43,9 +43,8 @@ from torch import nn
 
 from dino.atomic_files import write_json
 from dino.errors import DinoError
-from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.models.backbones import VIT_SIZES
-from dino.models.weights import WeightsInfo, load_backbone
+from dino.models.weights import WeightsInfo, input_stats, load_backbone
 
 log = logging.getLogger("dino")
 
@@ -260,8 +259,8 @@ def export_backbone(
         "interpolation": "bicubic",
         "crop_pct": round(size / resize, 4),
         "crop_mode": "center",
-        "mean": list(info.mean or IMAGENET_MEAN),
-        "std": list(info.std or IMAGENET_STD),
+        "mean": list(input_stats(model)[0]),
+        "std": list(input_stats(model)[1]),
         "num_classes": 0,
         # a ViT exported without dynamic_img_size takes its training size only
         "fixed_input_size": bool(

@@ -18,16 +18,16 @@ ours (checked on a batch after writing: max abs difference under 1e-4). At other
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dino.atomic_files import write_json
 from dino.errors import DinoError
-from dino.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from dino.models.vit import resample_pos_embed
+from dino.models.weights import input_stats
 
 #: Largest accepted ``|transformers - ours|`` of the features, relative to ``max(1, max |f|)``.
 HF_TOLERANCE = 1e-4
@@ -167,7 +167,8 @@ def export_hf(
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(out / "config.json", config)
+    mean, std = input_stats(model)
     processor = {
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
@@ -176,10 +177,10 @@ def export_hf(
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(info.mean or IMAGENET_MEAN),
-        "image_std": list(info.std or IMAGENET_STD),
+        "image_mean": list(mean),
+        "image_std": list(std),
     }
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    write_json(out / "preprocessor_config.json", processor)
     res: dict[str, Any] = {
         "model_type": config["model_type"],
         "files": {n: str(out / n) for n in ("config.json", "model.safetensors")},

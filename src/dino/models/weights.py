@@ -77,7 +77,7 @@ def input_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]
     info = getattr(model, "weights_info", None)
     if info is None:
         return IMAGENET_MEAN, IMAGENET_STD
-    return tuple(info.mean), tuple(info.std)
+    return tuple(info.mean or IMAGENET_MEAN), tuple(info.std or IMAGENET_STD)
 
 
 def load_backbone(
