@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from harness import RESULTS_DIR, stamp
 
-from dino.data.scenes import fashion_mnist_scenes
+from dino.data.datasets import SCENE_DATASETS, builtin_scenes
 from dino.eval.segmentation import jaccard, normalize, score_tensors, segment, upsample_grid
 from dino.eval.views import resolve_view
 from dino.models.weights import load_backbone
@@ -78,18 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dino", required=True, help="the DINO run folder")
     p.add_argument("--supervised", default=None, help="benchmarks/supervised_scenes.py output")
+    p.add_argument("--data", default=SCENE_DATASETS[0], choices=SCENE_DATASETS)
     p.add_argument("--subset", type=int, default=0, help="first N test scenes only (trials)")
     p.add_argument("--pictures", default=None, metavar="DIR", help="write the pictures here")
-    p.add_argument("--output", default=str(RESULTS_DIR / "segmentation-scenes.json"))
+    p.add_argument("--output", default=None, help="default: results/segmentation-<data>.json")
     args = p.parse_args(argv)
+    tag = "scenes" if args.data == SCENE_DATASETS[0] else "photos"
+    args.output = args.output or str(RESULTS_DIR / f"segmentation-{tag}.json")
 
     run = Path(args.dino)
     models = {"dino": load_backbone(run), "random": load_backbone("random", like=run)}
     if args.supervised:
         sup = Path(args.supervised)
         models["supervised"] = load_backbone(sup / "backbone.pth")
-    view = resolve_view("fashion-mnist-scenes", models["dino"].weights_info.run_config)
-    scenes = fashion_mnist_scenes("test", args.subset)
+    view = resolve_view(args.data, models["dino"].weights_info.run_config)
+    scenes = builtin_scenes(args.data, "test", args.subset)
     images, masks = scenes.images, scenes.masks
     patch = int(models["dino"].patch_embed.patch_size[0])
 
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         j = rows[name]["jaccard"]
         print(
             f"{name:11s} best head {j['attention_best_head']:6.2f}  mean of heads "
-            f"{j['attention_mean']:6.2f}  PCA {j['pca']:6.2f}  centre {j['centre_prior']:6.2f}",
+            f"{j['attention_mean']:6.2f}  PCA {j['pca']:6.2f}  centre {j['centre_prior']:6.2f}  "
+            f"centre of the best head's area {rows[name]['centre_prior_of_best_head_area']:6.2f}",
             flush=True,
         )
     result = {
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "patch_grid_ceiling": round(patch_grid_ceiling(masks, patch), 2),
         "brightness_oracle": round(brightness_oracle(images, masks), 2),
         "images": int(len(images)),
+        "data": args.data,
         "dino_run": str(run),
         "supervised": str(args.supervised) if args.supervised else None,
         "stamp": stamp(torch.device("cpu")),
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from dino.viz.segmentation import segmentation_sheet
 
-        picks = picture_indices(scenes.labels)
+        picks = picture_indices(scenes.labels) if tag == "scenes" else list(range(8))
         pix = images[picks]
         pictures = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in pix]
         folder = Path(args.pictures)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, model in models.items():
             seg = segment(model, normalize(pix, view.mean, view.std))
             sheet = segmentation_sheet(pictures, seg, masks[picks], height=96)
-            path = folder / f"segmentation-scenes-{name}.png"
+            path = folder / f"segmentation-{tag}-{name}.png"
             sheet.save(path)
             print(f"-> {path}")
     return 0

@@ -96,16 +96,14 @@ def load_yaml(name_or_path: str) -> dict[str, Any]:
     return data
 
 
-#: The preset of ``dino train`` with no --config: the built-in run on the built-in data, the
-#: reference recipe (``default``) on a folder.
-BUILTIN_PRESET = "fashion-mnist"
+#: The built-in datasets, each with a preset of its own name: ``dino train`` with no --config
+#: uses it on that dataset, and the reference recipe (``default``) on a folder.
+OWN_PRESETS = ("fashion-mnist", "fashion-mnist-scenes", "fashion-mnist-photos")
 
 
 def default_preset(data: str) -> str:
     """The preset ``dino train`` uses when no --config is given, for ``--data data``."""
-    if data == "fashion-mnist-scenes":  # the built-in scenes: their own preset
-        return data
-    return BUILTIN_PRESET if data == "fashion-mnist" else "default"
+    return data if data in OWN_PRESETS else "default"
 
 
 def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -20,6 +20,7 @@ from dino.cli import (
     evaluate,
     export,
     finetune,
+    make_scenes,
     retrieval,
     segment,
     track,
@@ -43,6 +44,7 @@ COMMAND_MODULES = [
     copy_detection,
     visualize,
     segment,
+    make_scenes,
     export,
 ]
 

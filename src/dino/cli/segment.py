@@ -17,9 +17,10 @@ from dino.cli.flags import (
     load_weights,
     output_names,
 )
+from dino.data.datasets import SCENE_DATASETS
 from dino.errors import DinoError
 
-SCENES = "fashion-mnist-scenes"
+SCENES = " or ".join(f"'{name}'" for name in SCENE_DATASETS)
 
 
 def register(sub: Any) -> None:
@@ -30,16 +31,16 @@ def register(sub: Any) -> None:
         "keeping --threshold (60%) of each head's attention mass, and the first three principal "
         "components of the patch features as RGB with the foreground found by thresholding the "
         "first one. Pictures go to --output, one folder per image. With --score, the Jaccard "
-        "index of those masks against true ones (the test scenes of fashion-mnist-scenes, or "
-        "--data FOLDER with --masks MASK_FOLDER), next to a centre-disc prior of the true "
-        "mask's area. See docs/segmentation.md.",
+        "index of those masks against true ones (the test scenes of "
+        f"{SCENES}, or --data FOLDER with --masks MASK_FOLDER), next to a centre-disc prior "
+        "of the true mask's area. See docs/segmentation.md.",
     )
     s.add_argument("images", nargs="*", help="image files or folders to draw (any format)")
     add_weights_flags(s)
     s.add_argument(
         "--data",
         default=None,
-        help=f"'{SCENES}' (its 10000 test scenes, with their masks) or a folder of images",
+        help=f"{SCENES} (their 10000 test scenes, with masks) or a folder of images",
     )
     s.add_argument(
         "--masks",
@@ -131,11 +132,11 @@ def _check(args: argparse.Namespace) -> None:
         raise DinoError(f"--pictures must be 0 or more, got {args.pictures}")
     if args.score and not args.data:
         raise DinoError(
-            f"--score needs --data: '{SCENES}', or a folder of images with --masks MASK_FOLDER"
+            f"--score needs --data: {SCENES}, or a folder of images with --masks MASK_FOLDER"
         )
-    if args.masks and (not args.data or args.data == SCENES):
+    if args.masks and (not args.data or args.data in SCENE_DATASETS):
         raise DinoError("--masks goes with --data FOLDER (the images the masks belong to)")
-    if args.score and args.data != SCENES and not args.masks:
+    if args.score and args.data not in SCENE_DATASETS and not args.masks:
         raise DinoError(f"--score on {args.data} needs its true masks: pass --masks MASK_FOLDER")
     if args.json and not args.score:
         raise DinoError("--json writes the scores: add --score")
@@ -167,8 +168,8 @@ def segment(args: argparse.Namespace) -> int:
     attention_patch_size(backbone)  # a convnet stops here, before any work
     device = resolve_device(args.device)
     run_config = run_config_of(backbone)
-    if args.data == SCENES:
-        view = resolve_view(SCENES, run_config, None, None, args.mean, args.std)
+    if args.data in SCENE_DATASETS:
+        view = resolve_view(args.data, run_config, None, None, args.mean, args.std)
         mean, std = list(view.mean), list(view.std)
     else:
         from dino.models.weights import input_stats
@@ -176,7 +177,7 @@ def segment(args: argparse.Namespace) -> int:
         run_mean, run_std = input_stats(backbone)
         mean, std = list(args.mean or run_mean), list(args.std or run_std)
     size = args.image_size
-    if size is None and args.data != SCENES:
+    if size is None and args.data not in SCENE_DATASETS:
         size = default_image_size(run_config) or None
     n_pictures = args.pictures if args.pictures is not None else (0 if args.score else 8)
     files = image_paths(args.images) if args.images else []  # a missing one stops here
@@ -184,7 +185,7 @@ def segment(args: argparse.Namespace) -> int:
     draw = _Drawer(backbone, out, mean, std, device, args.threshold)
 
     result = None
-    if args.data == SCENES:
+    if args.data in SCENE_DATASETS:
         result = _scenes(args, draw, size, n_pictures)
     elif args.data:
         result = _folder(args, draw, size, n_pictures)
@@ -192,7 +193,9 @@ def segment(args: argparse.Namespace) -> int:
         result.update(
             threshold=args.threshold, weights=backbone.weights_info.source, data=args.data
         )
-        _print_scores(result, "test scenes" if args.data == SCENES else f"images of {args.data}")
+        _print_scores(
+            result, "test scenes" if args.data in SCENE_DATASETS else f"images of {args.data}"
+        )
         if args.json:
             write_json(args.json, result)
             print(f"scores -> {args.json}")
@@ -258,10 +261,10 @@ def _scenes(
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from dino.data.scenes import fashion_mnist_scenes
+    from dino.data.datasets import builtin_scenes
     from dino.eval.segmentation import score_tensors
 
-    scenes = fashion_mnist_scenes("test", args.subset)
+    scenes = builtin_scenes(args.data, "test", args.subset)
     images, masks = scenes.images, scenes.masks
     if size and size != images.shape[-1]:
         images = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)

@@ -28,12 +28,15 @@ from PIL import Image, UnidentifiedImageError
 
 from dino.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
 from dino.data.file_index import FileList, index_folder
-from dino.data.scenes import fashion_mnist_scenes
+from dino.data.photo_scenes import PHOTOS, fashion_mnist_photos
+from dino.data.scenes import SCENES, Scenes, fashion_mnist_scenes
 from dino.data.seeding import sample_seed
 from dino.devices import launch_env
 from dino.errors import DinoError
 
-BUILTIN = ("fashion-mnist", "fashion-mnist-scenes")
+BUILTIN = ("fashion-mnist", SCENES, PHOTOS)
+#: The built-in datasets whose images come with object masks (``dino segment --score``).
+SCENE_DATASETS = (SCENES, PHOTOS)
 
 IMAGE_EXTENSIONS = {
     ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
@@ -85,12 +88,18 @@ def image_paths(items: list[str] | list[Path]) -> list[Path]:
 def builtin_split(name: str, split: str, n: int = 0) -> TensorImages:
     """The ``train`` or ``test`` split of a built-in dataset (:data:`BUILTIN`); the scenes are
     generated (only the first ``n`` when ``n > 0``)."""
-    if name == "fashion-mnist-scenes":
-        scenes = fashion_mnist_scenes(split, n)
+    if name in SCENE_DATASETS:
+        scenes = builtin_scenes(name, split, n)
         return TensorImages(scenes.images, scenes.labels, scenes.classes, scenes.name)
     if name == "fashion-mnist":
         return fashion_mnist(split)
     raise DinoError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN)}")
+
+
+def builtin_scenes(name: str, split: str, n: int = 0) -> Scenes:
+    """The ``train`` or ``test`` scenes of a built-in scene dataset (:data:`SCENE_DATASETS`),
+    with their masks (only the first ``n`` when ``n > 0``)."""
+    return (fashion_mnist_photos if name == PHOTOS else fashion_mnist_scenes)(split, n)
 
 
 class BadImage(Exception):

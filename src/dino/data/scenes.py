@@ -48,6 +48,8 @@ import torch.nn.functional as F
 
 from dino.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
 
+#: The name of the built-in dataset.
+SCENES = "fashion-mnist-scenes"
 #: Side of a scene in pixels.
 SCENE_SIZE = 64
 #: Side of a source garment image in pixels.
@@ -61,18 +63,18 @@ FRAGMENTS = (4, 7)
 REGIONS = (2, 4)
 #: Smallest and largest side of the object in pixels (from 28).
 OBJECT_SIDE = (36.0, 52.0)
-_SPLIT_CODE = {"train": 1, "test": 2}
-_BLOTCH_GRID = 4
+SPLIT_CODE = {"train": 1, "test": 2}
+BLOTCH_GRID = 4
 _TINT_TRIES = 16
 _WINDOW_TRIES = 8
-_NOISE_POOL = 256
+NOISE_POOL = 256
 
 
 @lru_cache(maxsize=1)
 def _noise_pool() -> torch.Tensor:
     """``[3, 256, 256]`` standard Gaussian noise (fixed); a scene's noise is a window of it."""
     gen = np.random.default_rng(20210429)
-    return torch.from_numpy(gen.standard_normal((3, _NOISE_POOL, _NOISE_POOL), np.float32))
+    return torch.from_numpy(gen.standard_normal((3, NOISE_POOL, NOISE_POOL), np.float32))
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
@@ -125,7 +127,7 @@ class SceneParams:
         return len(self.angle)
 
 
-def _window_ink(sources: torch.Tensor, src: np.ndarray, win: np.ndarray) -> np.ndarray:
+def window_ink(sources: torch.Tensor, src: np.ndarray, win: np.ndarray) -> np.ndarray:
     """Fraction of ink (intensity > INK) in windows ``win [..., T, 4]`` of the sources
     ``src [...]`` (one source for the ``T`` windows of a row)."""
     ink = sources[torch.from_numpy(src.reshape(-1))].numpy() > INK * 255
@@ -152,7 +154,7 @@ def scene_params(
     """The random choices of scenes ``indices`` of ``split``, each from the generator seeded with
     ``(seed, split, index)``. The object of scene ``i`` is ``sources[i]`` (``uint8 [M, 28,
     28]``, the split's garments); its fragments come from the other images."""
-    if split not in _SPLIT_CODE:
+    if split not in SPLIT_CODE:
         raise ValueError(f"split must be train or test, got {split!r}")
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     m = sources.shape[0]
@@ -160,7 +162,7 @@ def scene_params(
     n_reg = REGIONS[1]
     layout = {  # uniforms per scene, by use
         "regions": 1 + n_reg * (2 + 6 + 3 + 6),
-        "bg": 3 * _BLOTCH_GRID**2 + 1,
+        "bg": 3 * BLOTCH_GRID**2 + 1,
         "frag": n_frag * (1 + 1 + _WINDOW_TRIES * 4 + 3 + 1 + 3),
         "obj": 4 + 3 * _TINT_TRIES,
         "rest": 4,
@@ -168,7 +170,7 @@ def scene_params(
     u = (
         np.stack(
             [
-                np.random.default_rng([seed, _SPLIT_CODE[split], int(i)]).random(
+                np.random.default_rng([seed, SPLIT_CODE[split], int(i)]).random(
                     sum(layout.values())
                 )
                 for i in idx
@@ -193,8 +195,8 @@ def scene_params(
     angle, checker, period, texture_angle, phase, texture_weight = (
         r[..., 11 + i] for i in range(6)
     )
-    blotches = _colors(bg[:, : 3 * _BLOTCH_GRID**2].reshape(b, -1, 3), 0.25)
-    blotches = blotches.transpose(0, 2, 1).reshape(b, 3, _BLOTCH_GRID, _BLOTCH_GRID)
+    blotches = _colors(bg[:, : 3 * BLOTCH_GRID**2].reshape(b, -1, 3), 0.25)
+    blotches = blotches.transpose(0, 2, 1).reshape(b, 3, BLOTCH_GRID, BLOTCH_GRID)
     blotch_weight = 0.15 + 0.25 * bg[:, -1]
     texture_weight = 0.15 + 0.25 * texture_weight
 
@@ -208,7 +210,7 @@ def scene_params(
     top = 2 + np.floor(tries[..., 2] * (25 - h)).astype(np.int64)
     left = 2 + np.floor(tries[..., 3] * (25 - w)).astype(np.int64)
     wins = np.stack([top, left, h, w], -1)  # [B, F, T, 4]
-    frac = _window_ink(sources, other, wins)
+    frac = window_ink(sources, other, wins)
     good = (frac >= 0.25) & (frac <= 0.75)
     pick = np.where(good.any(-1), good.argmax(-1), _WINDOW_TRIES - 1)
     fwin = np.take_along_axis(wins, pick[..., None, None], axis=2)[:, :, 0]
@@ -256,7 +258,7 @@ def scene_params(
         tint=np.concatenate([ftint, otint[:, None]], 1),
         present=np.concatenate([fpresent, np.ones((b, 1), dtype=bool)], 1),
         noise=0.01 + 0.04 * rest[:, 0],
-        noise_offset=np.floor(rest[:, 1:3] * (_NOISE_POOL - size + 1)).astype(np.int64),
+        noise_offset=np.floor(rest[:, 1:3] * (NOISE_POOL - size + 1)).astype(np.int64),
     )
 
 
@@ -343,7 +345,7 @@ def render_scenes(
     index = region[:, None, None].expand(-1, 1, 3, -1, -1)
     background = layers.gather(1, index)[:, 0]
     # blotches: low-frequency colour noise over all regions
-    grid = torch.from_numpy(p.blotches).float().reshape(b, 3, _BLOTCH_GRID, _BLOTCH_GRID)
+    grid = torch.from_numpy(p.blotches).float().reshape(b, 3, BLOTCH_GRID, BLOTCH_GRID)
     canvas = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
     bw = t(p.blotch_weight)
     canvas.mul_(bw).add_(background * (1 - bw))
@@ -383,6 +385,8 @@ class Scenes:
     labels: torch.Tensor
     classes: list[str]
     name: str
+    #: int64 ``[N]``: each scene's background kind, where its dataset has kinds
+    background: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -415,7 +419,7 @@ def make_scenes(
         torch.set_num_threads(threads)
     labels = all_labels[torch.tensor(idx, dtype=torch.long)]
     return Scenes(
-        images, masks, labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist-scenes/{split}"
+        images, masks, labels, list(FASHION_MNIST_CLASSES), f"{SCENES}/{split}"
     )
 
 

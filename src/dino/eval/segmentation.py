@@ -9,7 +9,9 @@ pixels of the ground-truth mask:
   (:func:`pca_foreground`, as popularised by DINOv2);
 * **centre prior**: no network at all, the disc at the image centre with as many pixels as the
   true mask (:func:`centre_prior`), the baseline a method must beat. (The result also holds
-  the disc with as many pixels as the best head's mask, ``centre_prior_of_best_head_area``.)
+  the disc with as many pixels as each method's own mask, the prior beside each method:
+  ``centre_prior_of_best_head_area``, ``centre_prior_of_head_areas`` (each head's, averaged)
+  and ``centre_prior_of_pca_area``.)
 
 Reported (percent, averaged over images): ``attention_best_head``, the Jaccard of the head that
 scores best on average over the images (one head for the whole set, as the paper's best head);
@@ -175,6 +177,7 @@ class ScoreSum:
     pca: list[torch.Tensor] = field(default_factory=list)
     centre: list[torch.Tensor] = field(default_factory=list)
     centre_like_heads: list[torch.Tensor] = field(default_factory=list)  # [B, heads] each
+    centre_like_pca: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, seg: Segmentation, truth: torch.Tensor) -> None:
         """Score one batch against its true masks ``bool [B, H, W]``."""
@@ -182,7 +185,9 @@ class ScoreSum:
         truth = truth.bool().cpu()
         masks = upsample_grid(seg.masks, size)
         self.heads.append(jaccard(masks, truth[:, None]))
-        self.pca.append(jaccard(upsample_grid(seg.pca_mask, size), truth))
+        pca = upsample_grid(seg.pca_mask, size)
+        self.pca.append(jaccard(pca, truth))
+        self.centre_like_pca.append(jaccard(centre_prior(pca.flatten(1).sum(1), size), truth))
         self.centre.append(jaccard(centre_prior(truth.flatten(1).sum(1), size), truth))
         # the disc of each head's mask area: does the head find more than a central blob?
         prior = centre_prior(masks.flatten(2).sum(2), size)
@@ -208,6 +213,8 @@ class ScoreSum:
             "centre_prior_of_best_head_area": pct(
                 torch.cat(self.centre_like_heads)[:, best].mean()
             ),
+            "centre_prior_of_head_areas": pct(torch.cat(self.centre_like_heads).double().mean()),
+            "centre_prior_of_pca_area": pct(torch.cat(self.centre_like_pca).double().mean()),
             "per_head": [pct(v) for v in per_head],
             "mass": mass,
         }
