@@ -418,9 +418,7 @@ def make_scenes(
     finally:
         torch.set_num_threads(threads)
     labels = all_labels[torch.tensor(idx, dtype=torch.long)]
-    return Scenes(
-        images, masks, labels, list(FASHION_MNIST_CLASSES), f"{SCENES}/{split}"
-    )
+    return Scenes(images, masks, labels, list(FASHION_MNIST_CLASSES), f"{SCENES}/{split}")
 
 
 @lru_cache(maxsize=2)
