@@ -162,3 +162,18 @@ def test_make_scenes_writes_a_folder_segment_scores_like_the_builtin(tmp_path, c
     assert scores["folder"]["images"] == scores["builtin"]["images"] == 8
     for key, value in scores["builtin"]["jaccard"].items():
         assert scores["folder"]["jaccard"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_the_preset_keeps_its_steps_on_a_folder_of_fewer_scenes() -> None:
+    """`dino train --config fashion-mnist-photos --data FOLDER` on 4 000 scenes gets the steps
+    the preset makes on the 60 000 built-in ones (more epochs), not 1/15 of them."""
+    from dino.training.schedules import stretch_to_min_steps
+
+    cfg = dino.load_config(PHOTOS)
+    o = cfg.optim
+    builtin_steps = o.epochs * (60000 // o.batch_size)
+    assert o.min_steps == builtin_steps
+    cfg.data.data = "/some/folder"
+    stretched, factor = stretch_to_min_steps(cfg, 4000 // o.batch_size)
+    assert stretched.optim.epochs * (4000 // o.batch_size) >= builtin_steps
+    assert stretched.optim.warmup_epochs == pytest.approx(o.warmup_epochs * factor)
