@@ -14,5 +14,5 @@ cd benchmarks
 python segmentation.py --data fashion-mnist-photos --dino "$dino_run" --supervised "$sup" \
   --pictures ../docs/images
 python photo_diagnosis.py --run dino="$dino_run" --run supervised="$sup/backbone.pth" \
-  --random-like "$dino_run" --bank 60000 --queries 10000
+  --random-like "$dino_run" --bank 20000 --queries 5000
 python label_efficiency.py --run "$dino_run" --labels 10 --label-seeds 0 --supervised-seeds 0

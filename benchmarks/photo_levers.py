@@ -30,6 +30,13 @@ def flat(cfg: dict[str, Any]) -> dict[str, Any]:
             for k, v in fields.items()}  # fmt: skip
 
 
+def load_iteration(run: Path) -> int:
+    """The iteration of a run's last checkpoint (a run stopped by hand has no results)."""
+    from dino.training.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(run)["iteration"])
+
+
 def row(run: Path, base: dict[str, Any]) -> dict[str, Any]:
     cfg = flat(yaml.safe_load((run / "config.yaml").read_text()))
     skip = {"run.output_dir"}
@@ -45,7 +52,7 @@ def row(run: Path, base: dict[str, Any]) -> dict[str, Any]:
     return {
         "run": run.name,
         "changed": changed,
-        "steps": steps[-1]["iteration"] + 1 if steps else 0,
+        "steps": results.get("iterations") or load_iteration(run),
         "train_cpu_seconds": results.get("train_cpu_seconds"),
         "knn_object_top1": knn["20"]["top1"] if knn else None,
         "teacher_entropy_last50": round(
@@ -65,6 +72,7 @@ def row(run: Path, base: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders; the first is the plain run")
+    p.add_argument("--untrained", default=None, help="segment --score JSON of the untrained ViT")
     p.add_argument("--output", default=str(RESULTS_DIR / "photo-levers.json"))
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs]
@@ -76,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['teacher_entropy_last50']}  best head {j.get('attention_best_head')}  mean "
               f"{j.get('attention_mean')}  PCA {j.get('pca')}  {r['changed']}")  # fmt: skip
     out = Path(args.output)
-    command = " ".join(["python", "benchmarks/photo_levers.py", *args.runs])
+    command = " ".join(["python", "benchmarks/photo_levers.py", *(argv or sys.argv[1:])])
     result = {"rows": rows, "stamp": stamp(torch.device("cpu")), "command": command}
+    if args.untrained:
+        scores = json.loads(Path(args.untrained).read_text())
+        result["untrained_jaccard_2000"] = {
+            **scores["jaccard"],
+            "centre_prior_of_best_head_area": scores["centre_prior_of_best_head_area"],
+            "centre_prior_of_pca_area": scores.get("centre_prior_of_pca_area"),
+        }
+        print(f"untrained: {result['untrained_jaccard_2000']}")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")
     return 0

@@ -137,11 +137,15 @@ def test_make_scenes_writes_a_folder_segment_scores_like_the_builtin(tmp_path, c
     want = make_photo_scenes("test", range(8))
     files = sorted((out / "val").rglob("*.png"))
     assert len(files) == 8 and len(list((out / "train").rglob("*.png"))) == 12
+    # one folder per class, '/' in a name replaced: every file two levels down
+    folders = {p.name for p in (out / "train").iterdir()}
+    assert folders == {c.replace("/", "-") for c in want.classes} and "T-shirt-top" in folders
+    assert all(f.parent.parent == out / "train" for f in (out / "train").rglob("*.png"))
     from PIL import Image
 
     for f in files:
         i = int(f.stem)
-        assert f.parent.name == want.classes[int(want.labels[i])]
+        assert f.parent.name == want.classes[int(want.labels[i])].replace("/", "-")
         pix = torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)
         assert torch.equal(pix, want.images[i])
         mask = np.array(Image.open(out / "val-masks" / f.parent.name / f.name)) > 0

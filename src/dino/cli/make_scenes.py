@@ -16,7 +16,8 @@ DESCRIPTION = """\
 Write scenes of a built-in scene dataset as image files, the layout `dino train --data`,
 `dino knn --data` and `dino segment --data ... --masks ...` read:
 
-  OUTPUT/train/<class>/<i>.png       the first --train train scenes
+  OUTPUT/train/<class>/<i>.png       the first --train train scenes ('/' in a class name
+                                     becomes '-': T-shirt-top)
   OUTPUT/val/<class>/<i>.png         the first --val test scenes
   OUTPUT/val-masks/<class>/<i>.png   their object masks (255: object, 0: background)
 
@@ -60,12 +61,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         for split, sub, n in (("train", "train", args.train), ("test", "val", args.val)):
             scenes = builtin_scenes(args.data, split, n)
-            for c in scenes.classes:
+            folders = [c.replace("/", "-") for c in scenes.classes]
+            for c in folders:
                 (partial / sub / c).mkdir(parents=True)
                 if sub == "val":
                     (partial / "val-masks" / c).mkdir(parents=True)
             for i in tqdm(range(n), desc=sub, unit="img", leave=False):
-                c = scenes.classes[int(scenes.labels[i])]
+                c = folders[int(scenes.labels[i])]
                 name = f"{i:05d}.png"
                 Image.fromarray(scenes.images[i].permute(1, 2, 0).numpy()).save(
                     partial / sub / c / name
@@ -74,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
                     mask = scenes.masks[i].numpy().astype("uint8") * 255
                     Image.fromarray(mask).save(partial / "val-masks" / c / name)
         os.rename(partial, out)
+    except OSError as exc:
+        raise DinoError(
+            f"cannot write {out}: {exc.strerror or exc}; choose a folder you can write"
+        ) from None
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
