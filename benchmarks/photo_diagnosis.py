@@ -39,7 +39,7 @@ from harness import RESULTS_DIR, stamp
 from dino.data.datasets import TensorImages
 from dino.data.fashion_mnist import read_fashion_mnist
 from dino.data.photo_scenes import KINDS, PHOTOS, background_kind, photo_scene_params
-from dino.data.scenes import render_scenes
+from dino.data.scene_render import render_scenes
 from dino.eval.features import extract, tensor_eval_batches
 from dino.eval.neighbors import weighted_knn
 from dino.eval.views import resolve_view

@@ -18,7 +18,7 @@ from dino.data.photo_scenes import (
     make_photo_scenes,
     photo_scene_params,
 )
-from dino.data.scenes import SCENE_SIZE, render_scenes
+from dino.data.scene_render import SCENE_SIZE, render_scenes
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import dino
-from dino.data import scenes
+from dino.data import scene_render
 from dino.data.datasets import fashion_mnist, open_training_data
-from dino.data.scenes import INK, SCENE_SIZE, make_scenes, render_scenes, scene_params
+from dino.data.scene_render import INK, SCENE_SIZE, render_scenes
+from dino.data.scenes import make_scenes, scene_params
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_hsv_to_rgb_matches_colorsys() -> None:
 
     rng = np.random.default_rng(0)
     hsv = rng.random((50, 3))
-    ours = scenes.hsv_to_rgb(hsv)
+    ours = scene_render.hsv_to_rgb(hsv)
     ref = np.array([colorsys.hsv_to_rgb(*c) for c in hsv])
     np.testing.assert_allclose(ours, ref, atol=1e-12)
 

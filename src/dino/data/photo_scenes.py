@@ -1,7 +1,7 @@
 """Fashion-MNIST photos: scenes built like photos, for measuring what DINO segments.
 
 The built-in dataset ``fashion-mnist-photos`` (docs/segmentation.md). It is drawn with the same
-renderer as ``fashion-mnist-scenes`` (:func:`dino.data.scenes.render_scenes`: background
+renderer as ``fashion-mnist-scenes`` (:func:`dino.data.scene_render.render_scenes`: background
 regions, blotches, clutter, one garment, noise; exact masks), with what a photo has and those
 scenes lack:
 
@@ -27,18 +27,22 @@ import numpy as np
 import torch
 
 from dino.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
-from dino.data.scenes import (
+from dino.data.scene_render import (
     BLOTCH_GRID,
-    NOISE_POOL,
     SCENE_SIZE,
-    SOURCE_SIZE,
     SPLIT_CODE,
+    TINT_TRIES,
+    WINDOW_TRIES,
     SceneParams,
     Scenes,
+    draw_scenes,
     hsv_to_rgb,
-    render_scenes,
-    window_ink,
+    noise,
+    object_tint,
+    place_fragments,
+    shapes,
 )
+from dino.data.scene_render import colors as scene_colors
 
 #: The name of the built-in dataset.
 PHOTOS = "fashion-mnist-photos"
@@ -81,8 +85,6 @@ REGIONS = (1, 3)
 CLUTTER = (0, 3)
 #: Smallest and largest side of the object in pixels (from 28).
 OBJECT_SIDE = (24.0, 48.0)
-_TINT_TRIES = 16
-_WINDOW_TRIES = 8
 
 
 def _kind_colors(kinds: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -129,8 +131,8 @@ def photo_scene_params(
     layout = {  # uniforms per scene, by use
         "regions": 1 + n_reg * (2 + 1 + 6 + 3 + 5),
         "bg": 3 * BLOTCH_GRID**2 + 2,
-        "frag": n_frag * (1 + _WINDOW_TRIES * 4 + 3 + 1 + 3),
-        "obj": 4 + 3 * _TINT_TRIES,
+        "frag": n_frag * (1 + WINDOW_TRIES * 4 + 3 + 1 + 3),
+        "obj": 4 + 3 * TINT_TRIES,
         "rest": 4,
     }
     total = sum(layout.values())
@@ -166,24 +168,7 @@ def photo_scene_params(
         [pools[c][np.minimum((f[i, :, 0] * len(pools[c])).astype(int), len(pools[c]) - 1)]
          for i, c in enumerate(own)]  # fmt: skip
     ) if b else np.zeros((0, n_frag), np.int64)  # fmt: skip
-    tries = f[..., 1 : 1 + 4 * _WINDOW_TRIES].reshape(b, n_frag, _WINDOW_TRIES, 4)
-    h = 9 + np.minimum((tries[..., 0] * 8).astype(np.int64), 7)
-    w = 9 + np.minimum((tries[..., 1] * 8).astype(np.int64), 7)
-    top = 2 + np.floor(tries[..., 2] * (25 - h)).astype(np.int64)
-    left = 2 + np.floor(tries[..., 3] * (25 - w)).astype(np.int64)
-    wins = np.stack([top, left, h, w], -1)
-    frac = window_ink(sources, other, wins)
-    good = (frac >= 0.25) & (frac <= 0.75)
-    pick = np.where(good.any(-1), good.argmax(-1), _WINDOW_TRIES - 1)
-    fwin = np.take_along_axis(wins, pick[..., None, None], axis=2)[:, :, 0]
-    off = 1 + 4 * _WINDOW_TRIES
-    fscale = 0.9 + 0.6 * f[..., off]
-    fh, fw = fwin[..., 2] * fscale, fwin[..., 3] * fscale
-    fy = -0.3 * fh + f[..., off + 1] * (size - 0.4 * fh)
-    fx = -0.3 * fw + f[..., off + 2] * (size - 0.4 * fw)
-    fflip = f[..., off + 3] < 0.5
-    ftint = hsv_to_rgb(np.stack([f[..., off + 4], 0.2 + 0.8 * f[..., off + 5],
-                                 0.35 + 0.65 * f[..., off + 6]], -1))  # fmt: skip
+    fragments = place_fragments(sources, other, f[..., 1:], (0.9, 0.6), size)
     count = CLUTTER[0] + np.minimum(
         (bg[:, -1] * (n_frag - CLUTTER[0] + 1)).astype(np.int64), n_frag - CLUTTER[0]
     )
@@ -193,13 +178,7 @@ def photo_scene_params(
     side = OBJECT_SIDE[0] + (OBJECT_SIDE[1] - OBJECT_SIDE[0]) * obj[:, 0]
     oy, ox = obj[:, 1] * (size - side), obj[:, 2] * (size - side)
     oflip = obj[:, 3] < 0.5
-    tu = obj[:, 4:].reshape(b, _TINT_TRIES, 3)
-    tints = hsv_to_rgb(np.stack([tu[..., 0], 0.2 + 0.8 * tu[..., 1], 0.35 + 0.65 * tu[..., 2]], -1))
-    present = np.isfinite(points[..., 0])
-    mean_bg = (colors.mean(2) * present[..., None]).sum(1) / present.sum(1, keepdims=True)
-    far = np.linalg.norm(tints - mean_bg[:, None], axis=-1) >= 0.3
-    otint = tints[np.arange(b), np.where(far.any(-1), far.argmax(-1), _TINT_TRIES - 1)]
-    full = np.broadcast_to(np.array([0, 0, SOURCE_SIZE, SOURCE_SIZE]), (b, 1, 4))
+    otint = object_tint(scene_colors(obj[:, 4:].reshape(b, TINT_TRIES, 3), 0.35), colors, points)
 
     params = SceneParams(
         points=points,
@@ -213,16 +192,8 @@ def photo_scene_params(
         texture_weight=texture_weight,
         blotches=blotches,
         blotch_weight=blotch_weight,
-        source=np.concatenate([other, idx[:, None]], 1),
-        window=np.concatenate([fwin, full], 1),
-        y=np.concatenate([fy, oy[:, None]], 1),
-        x=np.concatenate([fx, ox[:, None]], 1),
-        scale=np.concatenate([fscale, (side / SOURCE_SIZE)[:, None]], 1),
-        flip=np.concatenate([fflip, oflip[:, None]], 1),
-        tint=np.concatenate([ftint, otint[:, None]], 1),
-        present=np.concatenate([fpresent, np.ones((b, 1), dtype=bool)], 1),
-        noise=0.01 + 0.04 * rest[:, 0],
-        noise_offset=np.floor(rest[:, 1:3] * (NOISE_POOL - size + 1)).astype(np.int64),
+        **shapes(other, fragments, fpresent, idx, (oy, ox, side, oflip, otint)),
+        **noise(rest, size),
     )
     return params, kinds
 
@@ -234,32 +205,14 @@ def make_photo_scenes(
     size: int = SCENE_SIZE,
     chunk: int = 256,
 ) -> Scenes:
-    """Photo scenes ``indices`` (default: all, one per Fashion-MNIST image) of ``split``."""
-    if split not in SPLIT_CODE:
-        raise ValueError(f"split must be train or test, got {split!r}")
-    sources, all_labels = read_fashion_mnist(split)
-    n = len(sources)
-    idx = list(range(n) if indices is None else indices)
-    if any(not 0 <= i < n for i in idx):
-        raise ValueError(f"scene indices must be in 0..{n - 1} for the {split} split")
-    images = torch.empty(len(idx), 3, size, size, dtype=torch.uint8)
-    masks = torch.empty(len(idx), size, size, dtype=torch.bool)
-    background = torch.empty(len(idx), dtype=torch.int64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: more threads cost more than they save
-    try:
-        for start in range(0, len(idx), chunk):
-            part = idx[start : start + chunk]
-            params, kinds = photo_scene_params(split, part, sources, all_labels, seed, size)
-            end = start + len(part)
-            images[start:end], masks[start:end] = render_scenes(sources, params, size)
-            background[start:end] = torch.from_numpy(background_kind(params, kinds, size))
-    finally:
-        torch.set_num_threads(threads)
-    labels = all_labels[torch.tensor(idx, dtype=torch.long)]
-    return Scenes(
-        images, masks, labels, list(FASHION_MNIST_CLASSES), f"{PHOTOS}/{split}", background
-    )
+    """Photo scenes ``indices`` (default: all, one per Fashion-MNIST image) of ``split``, with
+    each scene's background kind."""
+
+    def params_of(part: list[int], sources: torch.Tensor, labels: torch.Tensor):
+        params, kinds = photo_scene_params(split, part, sources, labels, seed, size)
+        return params, background_kind(params, kinds, size)
+
+    return draw_scenes(split, indices, params_of, PHOTOS, size, chunk)
 
 
 @lru_cache(maxsize=2)
