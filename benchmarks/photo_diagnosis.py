@@ -24,6 +24,7 @@ A feature that keys on the object scores high on ``knn_object``, ``knn_object_al
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -48,27 +49,31 @@ from dino.models.weights import load_backbone
 K = 20
 
 
-def draw(split: str, n: int, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first ``n`` photo scenes of ``split`` (``whole``), with the object removed
-    (``background``) or the object alone on a flat grey frame (``object``): images, object
-    classes, background kinds."""
+def draw(
+    split: str, n: int, variants: tuple[str, ...] = ("whole",)
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The first ``n`` photo scenes of ``split`` in each of ``variants``: whole, with the object
+    removed (``background``) or the object alone on a flat grey frame (``object``), each drawn
+    from the same parameters; images by variant, object classes, background kinds."""
     sources, labels = read_fashion_mnist(split)
-    images, kinds = [], []
+    images: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
+    kinds = []
     for start in range(0, n, 256):
         idx = list(range(start, min(n, start + 256)))
         p, region_kinds = photo_scene_params(split, idx, sources, labels)
-        kind = background_kind(p, region_kinds)
-        if variant == "background":
-            p.present[:, -1] = False
-        elif variant == "object":
-            p.present[:, :-1] = False
-            p.colors[:] = 0.42
-            p.texture_weight[:] = 0.0
-            p.blotch_weight[:] = 0.0
-            p.noise[:] = 0.0
-        images.append(render_scenes(sources, p)[0])
-        kinds.append(torch.from_numpy(kind))
-    return torch.cat(images), labels[:n].clone(), torch.cat(kinds)
+        kinds.append(torch.from_numpy(background_kind(p, region_kinds)))
+        for variant in variants:
+            q = copy.deepcopy(p)
+            if variant == "background":
+                q.present[:, -1] = False
+            elif variant == "object":
+                q.present[:, :-1] = False
+                q.colors[:] = 0.42
+                q.texture_weight[:] = 0.0
+                q.blotch_weight[:] = 0.0
+                q.noise[:] = 0.0
+            images[variant].append(render_scenes(sources, q)[0])
+    return {v: torch.cat(x) for v, x in images.items()}, labels[:n].clone(), torch.cat(kinds)
 
 
 def colour_stats(x: torch.Tensor) -> torch.Tensor:
@@ -125,12 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.time()
-    data = {
-        "bank": draw("train", args.bank, "whole"),
-        "whole": draw("test", args.queries, "whole"),
-        "background": draw("test", args.queries, "background"),
-        "object": draw("test", args.queries, "object"),
-    }
+    bank, bank_labels, bank_kinds = draw("train", args.bank)
+    test, test_labels, test_kinds = draw("test", args.queries, ("whole", "background", "object"))
+    data = {"bank": (bank["whole"], bank_labels, bank_kinds)}
+    data.update({v: (x, test_labels, test_kinds) for v, x in test.items()})
     print(f"drew the scenes in {time.time() - t0:.0f} s", flush=True)
     features: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "raw pixels": lambda x: x.float().flatten(1) / 255 - 0.42,
